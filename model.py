@@ -24,6 +24,7 @@ Shape legend: B batch, N tokens, D width, H heads, K prototypes (out_dim), R reg
 """
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import re
@@ -493,7 +494,13 @@ def load_model(path, map_location="cpu"):
         model_args = json.loads(sidecar.read_text())
         model_args = model_args.get("model_args", model_args)
     sd = backbone_state_dict(ckpt)
-    model = DinoVisionTransformer(**(model_args if model_args is not None else infer_model_args(sd)))
+    if model_args is None:
+        model_args = infer_model_args(sd)
+    known = inspect.signature(DinoVisionTransformer).parameters
+    ignored = sorted(set(model_args) - set(known))  # e.g. official config extras: block_chunks, repo, commit
+    if ignored:
+        print(f"load_model: ignoring non-constructor entries of model_args: {ignored}")
+    model = DinoVisionTransformer(**{k: v for k, v in model_args.items() if k in known})
     model_keys, ckpt_keys = set(model.state_dict()), set(sd)
     missing, unexpected = sorted(model_keys - ckpt_keys), sorted(ckpt_keys - model_keys)
     if missing or unexpected:
@@ -510,7 +517,7 @@ def load_model(path, map_location="cpu"):
 class BenchConfig:
     bench: bool = False  # run the ViT-S/14 CPU benchmark instead of the smoke run
     batch_224: int = 8  # images per step at 224x224 (261 tokens with 4 registers)
-    batch_518: int = 2  # images per step at 518x518 (1374 tokens); not 8: that takes ~20 s per fwd+bwd on 2 cores
+    batch_518: int = 1  # images per step at 518x518 (1374 tokens); not 8: ~15-30 s per fwd+bwd on 2 cores
     repeats: int = 3  # timed repeats per configuration (median reported), after one warm-up
     threads: int = 0  # torch threads; 0 = leave torch's default
 
@@ -526,21 +533,26 @@ def parse_config():
 
 
 def median_seconds(fn, repeats):
+    """Median wall-clock and process-CPU seconds of fn(). CPU time (all threads) is the steadier number on a
+    shared machine: waiting for a core inflates wall time but not CPU time."""
     fn()  # warm-up (allocations, kernel selection)
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def bench(cfg):
     """Forward (no grad) and forward+backward time of ViT-S/14 + 4 registers (the hub reg4 model) on CPU."""
     model = vit_small(num_register_tokens=4, img_size=518, init_values=1.0, interpolate_antialias=True,
                       interpolate_offset=0.0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; times are medians of {cfg.repeats}")
-    print(f"{'size':>4} {'batch':>5} {'tokens':>6} {'dtype':>5} {'attn':>8} {'fwd s':>7} {'fwd+bwd s':>9}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {cfg.repeats}, seconds "
+          f"(wall / process CPU)")
+    print(f"{'size':>4} {'batch':>5} {'tokens':>6} {'dtype':>5} {'attn':>8} {'fwd wall/cpu':>13} "
+          f"{'fwd+bwd wall/cpu':>17}")
     for size, batch in ((224, cfg.batch_224), (518, cfg.batch_518)):
         x = torch.randn(batch, 3, size, size)
         tokens = 1 + 4 + (size // 14) ** 2
@@ -559,8 +571,9 @@ def bench(cfg):
                         loss = model.forward_features(x)["x_prenorm"].float().mean()
                     loss.backward()
 
-                t_f, t_fb = median_seconds(forward, cfg.repeats), median_seconds(forward_backward, cfg.repeats)
-                print(f"{size:>4} {batch:>5} {tokens:>6} {dtype:>5} {impl:>8} {t_f:>7.3f} {t_fb:>9.3f}", flush=True)
+                f, fb = median_seconds(forward, cfg.repeats), median_seconds(forward_backward, cfg.repeats)
+                print(f"{size:>4} {batch:>5} {tokens:>6} {dtype:>5} {impl:>8} {f[0]:>6.2f} /{f[1]:>5.2f} "
+                      f"{fb[0]:>9.2f} /{fb[1]:>5.2f}", flush=True)
     model.set_attn_impl("auto")
 
 

@@ -202,13 +202,18 @@ def test_load_hub_checkpoint_infers_architecture(tmp_path):
     assert_same_model(loaded, ref)
 
 
-def test_load_hub_checkpoint_with_sidecar_json(vit_fx, tmp_path):
+def test_load_hub_checkpoint_with_sidecar_json(vit_fx, fixtures_dir, tmp_path):
     ref = build_fixture_model(vit_fx, "fused")  # 16-wide heads: cannot be inferred, the sidecar says so
     torch.save(vit_fx["state_dict"], tmp_path / "teacher_backbone.pth")
-    (tmp_path / "teacher_backbone.json").write_text(json.dumps({k: vit_fx["config"][k] for k in CTOR_ARGS}))
+    (tmp_path / "teacher_backbone.json").write_text(json.dumps({"model_args": {k: vit_fx["config"][k]
+                                                                               for k in CTOR_ARGS}}))
     loaded = load_model(tmp_path / "teacher_backbone.pth")
     assert loaded.num_heads == 4
     assert_same_model(loaded, ref)
+    # The fixture's own config json (bare kwargs plus official extras such as block_chunks, repo) works too.
+    torch.save(vit_fx["state_dict"], tmp_path / "vit_tiny_reg.pth")
+    (tmp_path / "vit_tiny_reg.json").write_text((fixtures_dir / "vit_tiny_reg.json").read_text())
+    assert_same_model(load_model(tmp_path / "vit_tiny_reg.pth"), ref)
 
 
 def test_load_training_checkpoints(tmp_path):
