@@ -1,0 +1,276 @@
+"""Tests for eval.py: k-NN votes, the linear-probe grid, retrieval metrics, pictures, and feature parity.
+
+Run: python -m pytest -q tests/test_eval.py   (CPU, ~1 minute on 2 cores). The real-photo test uses Debian's
+opencv-doc sample images (`apt-get install opencv-doc`) and skips cleanly without them.
+"""
+import inspect
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import eval as ev
+from model import DinoVisionTransformer
+from train import eval_transform, extract_features, knn_classify
+
+OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers: the reference ViT from the fixtures, synthetic pictures and image folders
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def fixture_vit(fixtures_dir):
+    fx = torch.load(fixtures_dir / "vit_tiny_reg.pt", weights_only=True)
+    accepted = inspect.signature(DinoVisionTransformer).parameters
+    model_args = {k: v for k, v in fx["config"].items() if k in accepted}
+    model = DinoVisionTransformer(**model_args)
+    model.load_state_dict(fx["state_dict"])
+    return model.eval(), model_args, fx["state_dict"]
+
+
+def smooth_picture(height, width, seed=0):
+    """A blob on a gradient: something with a foreground, made without any image files."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
+    blob = (-(((xx - 0.2) / 0.4) ** 2 + ((yy + 0.1) / 0.3) ** 2)).exp()
+    colour = torch.rand(3, 1, 1, generator=g)
+    return (0.3 * (xx + 1) / 2 + colour * blob).clamp(0, 1).expand(3, -1, -1).contiguous()  # [3,H,W]
+
+
+def write_images(folder, n, size=(40, 52), seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        base = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)  # coarse random pattern, upsampled: varied images
+        Image.fromarray(base).resize(size, Image.BICUBIC).save(folder / f"{i:03d}.png")
+
+
+def save_train_checkpoint(model_args, state_dict, path):
+    """This project's train.py layout: {"teacher": {"backbone.<key>": ...}, "model_args": ...}."""
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in state_dict.items()}, "model_args": model_args}, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# k-NN (the votes live in train.knn_classify; eval.py reports them)
+# ---------------------------------------------------------------------------------------------------------------
+def test_knn_well_separated_clusters_are_perfect():
+    g = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(10, 32, generator=g), dim=1)  # 10 classes
+    train_y, test_y = torch.arange(10).repeat(30), torch.arange(10).repeat(5)
+    train_x = F.normalize(centres[train_y] + 0.02 * torch.randn(300, 32, generator=g), dim=1)
+    test_x = F.normalize(centres[test_y] + 0.02 * torch.randn(50, 32, generator=g), dim=1)
+    res = knn_classify(train_x, train_y, test_x, test_y, ks=(10, 20, 100, 200), temperature=0.07)
+    for k in (10, 20, 100, 200):
+        assert res[k]["top1"] == 100.0 and res[k]["top5"] == 100.0
+
+
+def test_knn_votes_are_softmax_of_similarity_over_temperature():
+    # One class-0 neighbour at similarity 1.0, two class-1 neighbours at 0.9. Votes softmax(sim/T) summed per class:
+    # T=0.07: class 0 gets e^(1/.07) / (e^(1/.07) + 2 e^(.9/.07)) = 0.676 -> class 0 wins although outnumbered;
+    # T=1:    class 0 gets e^1 / (e^1 + 2 e^.9) = 0.356 -> class 1 wins.
+    angle = np.arccos(0.9)
+    train_x = torch.tensor([[1.0, 0.0], [np.cos(angle), np.sin(angle)], [np.cos(angle), -np.sin(angle)],
+                            [-1.0, 0.0]], dtype=torch.float32)
+    train_y = torch.tensor([0, 1, 1, 2])
+    query, target = torch.tensor([[1.0, 0.0]]), torch.tensor([0])
+    w0 = np.exp(1 / 0.07) / (np.exp(1 / 0.07) + 2 * np.exp(0.9 / 0.07))
+    assert w0 == pytest.approx(0.676, abs=1e-3)
+    assert knn_classify(train_x, train_y, query, target, ks=(3,), temperature=0.07)[3]["top1"] == 100.0
+    assert knn_classify(train_x, train_y, query, target, ks=(3,), temperature=1.0)[3]["top1"] == 0.0
+    assert knn_classify(train_x, train_y, query, target, ks=(1,), temperature=1.0)[1]["top1"] == 100.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Linear probe
+# ---------------------------------------------------------------------------------------------------------------
+def test_linear_inputs_follow_the_official_layout():
+    cls = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)  # [N=2, 4 blocks, D=3]
+    avg = -torch.ones(2, 3)
+    v = ev.linear_inputs(cls, avg, (1, 4))
+    assert set(v) == {"blocks=1 avgpool=0", "blocks=1 avgpool=1", "blocks=4 avgpool=0", "blocks=4 avgpool=1"}
+    assert torch.equal(v["blocks=1 avgpool=0"], cls[:, 3])
+    assert torch.equal(v["blocks=4 avgpool=0"], cls.flatten(1))
+    assert torch.equal(v["blocks=1 avgpool=1"], torch.cat([cls[:, 3], avg], 1))
+
+
+def test_linear_grid_fits_a_separable_problem():
+    g = torch.Generator().manual_seed(0)
+    w_true = torch.randn(16, 4, generator=g)  # 4 classes, linearly separable by construction
+    x = torch.randn(1000, 16, generator=g)
+    top2 = (x @ w_true).topk(2, dim=1)
+    keep = (top2.values[:, 0] - top2.values[:, 1]) > 0.5  # a margin, so that "separable" is not borderline
+    x, y = x[keep][:600], top2.indices[keep][:600, 0]
+    lrs = (1e-4, 0.1, 1.0)
+    heads = ev.train_linear_grid({"a": x[:500], "b": x[:500, :8]}, y[:500], 4, lrs, iters=300, batch_size=64)
+    acc = ev.grid_accuracy(heads, {"a": x[500:], "b": x[500:, :8]}, y[500:])
+    assert acc["a"].shape == (3,)
+    assert acc["a"][2] >= 98.0  # the large learning rate fits the full features
+    assert acc["a"][0] < acc["a"][2]  # lr 1e-4 barely moves from the N(0, 0.01) init in 300 steps
+    assert acc["b"][2] < acc["a"][2]  # half the features do not separate the classes
+
+
+def test_linear_heads_are_independent_of_each_other():
+    # All grid points train in one loop; changing one head's learning rate must not change another head.
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(200, 8, generator=g), torch.randint(0, 3, (200,), generator=g)
+    w1, b1 = ev.train_linear_grid({"a": x}, y, 3, (0.01, 0.5), iters=20, batch_size=32, seed=3)["a"]
+    w2, b2 = ev.train_linear_grid({"a": x}, y, 3, (0.01, 5.0), iters=20, batch_size=32, seed=3)["a"]
+    assert w1.shape == (2, 8, 3) and b1.shape == (2, 1, 3)
+    torch.testing.assert_close(w1[0], w2[0])
+    torch.testing.assert_close(b1[0], b2[0])
+    assert not torch.allclose(w1[1], w2[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Retrieval / copy detection
+# ---------------------------------------------------------------------------------------------------------------
+def test_retrieval_metrics_hand_made():
+    db = torch.eye(4)  # 4 orthogonal database images
+    q = F.normalize(torch.tensor([[1.0, 0, 0, 0], [0.5, 1.0, 0, 0], [0, 0.9, 0.1, 0]]), dim=1)
+    m = ev.retrieval_metrics(q, db, torch.tensor([0, 1, 2]))  # the third query ranks its original 2nd
+    assert m["mAP"] == pytest.approx((1 + 1 + 0.5) / 3)
+    assert m["recall@1"] == pytest.approx(2 / 3) and m["recall@10"] == 1.0
+
+
+def test_make_copy_strength_zero_is_identical_and_edits_grow():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    assert np.array_equal(np.asarray(ev.make_copy(img, 0.0, random.Random(0))), np.asarray(img))
+    light, heavy = ev.make_copy(img, 0.2, random.Random(0)), ev.make_copy(img, 1.0, random.Random(0))
+    assert heavy.size[0] * heavy.size[1] < light.size[0] * light.size[1] < 80 * 60  # crops grow with strength
+
+
+def test_retrieval_identical_copies_are_found_and_heavy_edits_are_harder(fixture_vit, tmp_path):
+    model, _, _ = fixture_vit
+    write_images(tmp_path / "photos", 24)
+    cfg = ev.EvalConfig(data=str(tmp_path / "photos"), image_size=56, batch_size=64, retrieval_originals=8,
+                        retrieval_distractors=16, retrieval_copies=2, retrieval_strengths=(0.0, 1.0))
+    rows = ev.run_retrieval(model, cfg, "cpu")["retrieval"]
+    assert rows[0]["mAP"] == 1.0 and rows[0]["recall@1"] == 1.0
+    assert rows[1]["mAP"] < 1.0 and rows[1]["sim_to_original"] < rows[0]["sim_to_original"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pictures: sizes, and the PCA foreground on a made-up case
+# ---------------------------------------------------------------------------------------------------------------
+def test_fed_size_keeps_aspect_in_whole_patches():
+    assert ev.fed_size(480, 640, 448, 14) == (448, 602)
+    assert ev.fed_size(28, 28, 28, 4) == (28, 28)
+    h, w = ev.fed_size(426, 535, 224, 14)
+    assert h % 14 == 0 and w % 14 == 0 and abs(w / h - 535 / 426) < 14 / h
+
+
+def test_pca_foreground_is_the_object_not_the_border():
+    # 6x8 grid: background patches share one feature, a 2x3 object in the middle another (+ small noise)
+    g = torch.Generator().manual_seed(0)
+    grid = torch.zeros(6, 8, 16)
+    grid[:, :, 0] = 1.0
+    grid[2:4, 3:6, 0], grid[2:4, 3:6, 1] = 0.0, 1.0
+    grid += 0.01 * torch.randn(6, 8, 16, generator=g)
+    (rgb, fg), = ev.pca_rgb([grid])
+    expected = torch.zeros(6, 8, dtype=torch.bool)
+    expected[2:4, 3:6] = True
+    assert torch.equal(fg, expected)
+    assert rgb[~fg].abs().max() == 0 and rgb.shape == (6, 8, 3) and rgb.max() <= 1
+
+
+def run_pictures(model_args, state_dict, tmp_path, image_paths):
+    ckpt = save_train_checkpoint(model_args, state_dict, tmp_path / "ckpt.pth")
+    pca = ev.main(["pca", str(ckpt), *map(str, image_paths), "--picture_size", "56", "--out", str(tmp_path)])
+    attn = ev.main(["attention", str(ckpt), str(image_paths[0]), "--picture_size", "56", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "ckpt_eval_pca.json").read_text())["results"]["pngs"] == pca["pngs"]
+    return pca["pngs"], attn["pngs"]
+
+
+def test_pca_and_attention_pngs_have_the_image_size(fixture_vit, tmp_path):
+    _, model_args, state_dict = fixture_vit
+    paths = []
+    for i, (h, w) in enumerate([(50, 75), (64, 40)]):  # one landscape, one portrait
+        paths.append(tmp_path / f"pic{i}.png")
+        ev.save_png(smooth_picture(h, w, seed=i).permute(1, 2, 0), paths[-1])
+    pca, attn = run_pictures(model_args, state_dict, tmp_path, paths)
+    assert [Image.open(p).size for p in pca] == [(75, 50), (40, 64)]  # PIL sizes are (width, height)
+    assert len(attn) == model_args["num_heads"] and all(Image.open(p).size == (75, 50) for p in attn)
+
+
+def test_pca_and_attention_pngs_on_a_real_photo(fixture_vit, tmp_path):
+    photo = OPENCV_DATA / "squirrel_cls.jpg"
+    if not photo.exists():
+        pytest.skip("real photos come with Debian's opencv-doc: apt-get install opencv-doc")
+    _, model_args, state_dict = fixture_vit
+    pca, attn = run_pictures(model_args, state_dict, tmp_path, [photo])
+    size = Image.open(photo).size
+    assert Image.open(pca[0]).size == size and all(Image.open(p).size == size for p in attn)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parity: eval.py's features are forward_features' outputs on the same preprocessed input (no silent resize)
+# ---------------------------------------------------------------------------------------------------------------
+def test_features_equal_forward_features(fixture_vit):
+    model, _, _ = fixture_vit
+    images = [smooth_picture(70, 90, seed=s) for s in range(3)]
+    dataset = ev.ListDataset(images, [0, 1, 2])
+    x = torch.stack([eval_transform(img, 56) for img in images])  # [3,3,56,56] the preprocessed input
+    with torch.no_grad():
+        ref = model.forward_features(x)
+        ref_blocks = model.get_intermediate_layers(x, n=3, return_class_token=True)
+    cls, avg, labels = ev.linear_features(model, dataset, 56, n_blocks=3, batch_size=2)
+    torch.testing.assert_close(cls[:, -1], ref["x_norm_clstoken"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(avg, ref["x_norm_patchtokens"].mean(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cls[:, 0], ref_blocks[0][1], atol=1e-5, rtol=1e-5)
+    assert labels.tolist() == [0, 1, 2]
+    feats, _ = extract_features(model, dataset, 56, batch_size=2)  # what knn and retrieval use
+    torch.testing.assert_close(feats, F.normalize(ref["x_norm_clstoken"], dim=-1), atol=1e-5, rtol=1e-5)
+    # pictures: fed at a patch multiple with the aspect kept, patch grid = x_norm_patchtokens row-major
+    xp = ev.prepare_picture(images[0], 56, model.patch_size)
+    assert xp.shape == (1, 3, 56, 70)
+    grid = ev.patch_grid(model, xp)
+    with torch.no_grad():
+        ref_patches = model.forward_features(xp)["x_norm_patchtokens"][0]
+    torch.testing.assert_close(grid, ref_patches.reshape(4, 5, -1), atol=1e-5, rtol=1e-5)
+    attn = ev.cls_attention(model, xp)
+    assert attn.shape == (model_heads(model), 4, 5) and (attn > 0).all()
+
+
+def model_heads(model):
+    return model.blocks[-1].attn.num_heads
+
+
+def test_image_size_must_tile_into_patches(fixture_vit):
+    model, _, _ = fixture_vit
+    with pytest.raises(ValueError, match="multiple of the patch size 14"):
+        ev.check_image_size(model, 50)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+def test_cli_overrides_presets_and_unknown_keys():
+    cmd, ckpt, images, cfg = ev.parse_config(["knn", "c.pth", "--preset", "tiny", "--knn_ks", "5,7"])
+    assert (cmd, ckpt, images) == ("knn", "c.pth", [])
+    assert cfg.knn_ks == (5, 7) and cfg.image_size == 28 and cfg.knn_temperature == 0.07
+    assert ev.EvalConfig().knn_ks == (10, 20, 100, 200) and ev.EvalConfig().image_size == 224
+    with pytest.raises(SystemExit):
+        ev.parse_config(["knn", "c.pth", "--no_such_key", "1"])
+
+
+def test_cli_knn_and_linear_on_a_folder(fixture_vit, tmp_path, capsys):
+    _, model_args, state_dict = fixture_vit
+    for split, n in (("train", 12), ("val", 6)):
+        for c in range(2):
+            write_images(tmp_path / "data" / split / f"class{c}", n, seed=10 * c + (split == "val"))
+    (tmp_path / "run").mkdir()
+    ckpt = save_train_checkpoint(model_args, state_dict, tmp_path / "run" / "ckpt.pth")
+    common = ["--data", str(tmp_path / "data"), "--image_size", "56", "--batch_size", "8"]
+    knn = ev.main(["knn", str(ckpt), *common, "--knn_ks", "1,5"])
+    assert [r["k"] for r in knn["knn"]] == [1, 5] and "top5" not in knn["knn"][0]  # 2 classes: no top-5
+    assert (tmp_path / "run" / "ckpt_eval_knn.json").exists()
+    lin = ev.main(["linear", str(ckpt), *common, "--linear_iters", "30", "--linear_lrs", "0.01,1.0"])
+    assert lin["best"]["variant"].startswith("blocks=") and len(lin["grid"]) == 2 * 2 * 2  # 3 blocks < 4 -> 1, 3
+    assert "top1" in capsys.readouterr().out
