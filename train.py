@@ -626,12 +626,9 @@ def build_student_teacher(cfg):
 @torch.no_grad()
 def ema_update(teacher, student, momentum):
     """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter (DINO Sec. 3.1)."""
-    t = [p for p in teacher.parameters()]
-    s = [p.detach() for p in student.parameters()]
-    t_local = [p.to_local() if hasattr(p, "to_local") else p for p in t]  # FSDP2 shards: update the local shard
-    s_local = [p.to_local() if hasattr(p, "to_local") else p for p in s]
-    torch._foreach_mul_(t_local, momentum)
-    torch._foreach_add_(t_local, s_local, alpha=1.0 - momentum)
+    t, s = list(teacher.parameters()), list(student.parameters())  # FSDP2: DTensors, updated shard by shard
+    torch._foreach_mul_(t, momentum)
+    torch._foreach_add_(t, s, alpha=1.0 - momentum)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -767,6 +764,10 @@ def teacher_targets(teacher, batch, teacher_temp, centers, cfg, autocast):
     center update). Softmax and Sinkhorn-Knopp in fp32: logits / 0.04 overflow half precision."""
     with autocast:
         dino_logits, ibot_logits = teacher.teacher_logits(batch["global_crops"], batch["masks"])
+    if cfg.fsdp:  # FSDP2 keeps the root's parameters gathered after a forward that has no backward: free them
+        for m in teacher.modules():
+            if hasattr(m, "reshard"):
+                m.reshard()
     dino_logits, ibot_logits = dino_logits.float(), ibot_logits.float()  # [2B,K], [M,K]
     if cfg.centering == "sinkhorn_knopp":
         dino_probs, ibot_probs = sinkhorn_knopp(dino_logits, teacher_temp), sinkhorn_knopp(ibot_logits, teacher_temp)
@@ -840,7 +841,9 @@ def full_state_dicts(student, teacher, optimizer, cfg):
     if is_dist() and cfg.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        student_sd, optim_sd = get_state_dict(student, optimizer, options=opts) if optimizer else (None, None)
+        if optimizer is None:
+            return get_model_state_dict(student, options=opts), get_model_state_dict(teacher, options=opts), None
+        student_sd, optim_sd = get_state_dict(student, optimizer, options=opts)
         return student_sd, get_model_state_dict(teacher, options=opts), optim_sd
     return student.state_dict(), teacher.state_dict(), optimizer.state_dict() if optimizer else None
 
@@ -965,11 +968,14 @@ class StopSignal:
 
     def __init__(self):
         self.received = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self.handler)
+        self.previous = {sig: signal.signal(sig, self.handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
     def handler(self, signum, frame):
         self.received = True
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def any_rank(self, device):
         flag = torch.tensor(float(self.received), device=device)
@@ -1044,6 +1050,7 @@ def train(cfg, dataset=None):
             print0(f"\nstop signal: checkpoint written at iteration {it + 1}; continue with --resume")
             break
     bar.close()
+    stop_signal.restore()
     if metrics_file:
         metrics_file.close()
     if it + 1 == cfg.total_iters:
