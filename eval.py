@@ -18,7 +18,8 @@ Paper (arXiv 2304.07193) -> code
     Sec. 7.1 Table 4 linear probe; App. B.3 grid over blocks x avgpool x lr   -> linear_features, linear_inputs,
                                                                                train_linear_grid, run_linear
     Sec. 7.3 Table 9 instance recognition; Sec. 3 copy detection for dedup;
-    Sec. 6.4 Table 3 (KoLeo helps retrieval most)                             -> make_copy, retrieval_metrics, run_retrieval
+    Sec. 6.4 Table 3 (KoLeo helps retrieval most)                             -> make_copy, retrieval_metrics,
+                                                                               run_retrieval
     Sec. 7.5 Fig. 1 PCA of patch features, first PC thresholded = foreground  -> patch_grid, pca_rgb, run_pca
     class-token attention per head of the last block (DINO v1 Fig. 1)         -> cls_attention, run_attention
 
@@ -77,13 +78,14 @@ class EvalConfig:
     linear_momentum: float = 0.9  # SGD momentum, weight decay 0
     linear_val_fraction: float = 0.1  # ours: held-out part of the training set that picks the grid point
     # retrieval / copy detection (Sec. 7.3, Sec. 3)
-    retrieval_originals: int = 200  # database images whose copies are searched for
-    retrieval_distractors: int = 1800  # further database images that are never copied
-    retrieval_copies: int = 2  # edited copies per original and strength (the queries)
-    retrieval_strengths: tuple = (0.0, 0.25, 0.5, 1.0)  # edit strength in [0,1]; 0 = identical copy
+    retrieval_originals: int = 200  # (ours) database images whose copies are searched for
+    retrieval_distractors: int = 1800  # (ours) further database images that are never copied
+    retrieval_copies: int = 2  # (ours) edited copies per original and strength (the queries)
+    retrieval_strengths: tuple = (0.0, 0.25, 0.5, 1.0)  # (ours) edit strength in [0,1]; 0 = identical copy
     # pictures (Sec. 7.5)
-    picture_size: int = 448  # shorter side in px fed for pca/attention, rounded to a multiple of the patch size
-    pca_threshold: float = 0.0  # foreground = first PC above this many standard deviations
+    picture_size: int = 448  # (ours) shorter side in px fed for pca/attention, rounded to whole patches
+    pca_threshold: float = 0.0  # (ours, the paper gives none) foreground = first PC above this many std
+    sheet_height: int = 160  # px height of each row of the pca sheet (inputs on top, PCA below)
     out: str = ""  # folder for the PNGs; "" = beside the checkpoint
 
 
@@ -95,7 +97,7 @@ PRESETS = {
 
 
 def parse_config(argv=None):
-    """-> (command, checkpoint, images, EvalConfig) from `python eval.py <command> <checkpoint> [images] --key value`."""
+    """`python eval.py <command> <checkpoint> [images] --key value` -> (command, checkpoint, images, EvalConfig)."""
     parser = argparse.ArgumentParser(description="Evaluate a frozen DINOv2 backbone (see the module docstring).")
     commands = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
@@ -299,10 +301,11 @@ def make_copy(img, strength, rng):
         img = enhance(img).enhance(1 + strength * rng.uniform(-0.6, 0.6))
     w, h = img.size
     draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default(size=max(6, round(0.2 * h * strength)))
     text = "".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ0123456789") for _ in range(8))
-    draw.text((rng.randint(0, max(0, w // 2)), rng.randint(0, max(0, h - h // 4))), text, font=font,
-              fill=tuple(rng.randrange(256) for _ in range(3)))
+    font_px = round(0.25 * h * strength)  # text height grows with the edit; below 4 px it would not be text
+    if font_px >= 4:
+        draw.text((rng.randint(0, w // 2), rng.randint(0, h - h // 4)), text,
+                  font=ImageFont.load_default(size=font_px), fill=tuple(rng.randrange(256) for _ in range(3)))
     pw, ph = round(w * 0.5 * strength ** 0.5), round(h * 0.5 * strength ** 0.5)  # patch covers 25% * strength
     if pw and ph:
         px, py = rng.randint(0, w - pw), rng.randint(0, h - ph)
@@ -374,7 +377,7 @@ def run_retrieval(backbone, cfg, device):
 # Pictures (Sec. 7.5): PCA of patch features as RGB, class-token attention per head; PNGs at the image's size
 # ---------------------------------------------------------------------------------------------------------------
 def fed_size(height, width, short_side, patch):
-    """(h, w) px fed to the backbone: the shorter side becomes short_side, aspect kept, both rounded to whole patches."""
+    """(h, w) px fed to the backbone: shorter side -> short_side, aspect kept, both rounded to whole patches."""
     scale = short_side / min(height, width)
     return (max(patch, round(height * scale / patch) * patch), max(patch, round(width * scale / patch) * patch))
 
@@ -469,11 +472,24 @@ def run_pca(backbone, cfg, device, images, out_dir):
     pictures = [load_picture(p) for p in images]
     grids = [patch_grid(backbone, prepare_picture(img, cfg.picture_size, backbone.patch_size).to(device))
              for img in pictures]
-    written = []
+    written, pcas = [], []
     for path, img, (rgb, fg) in zip(images, pictures, pca_rgb(grids, cfg.pca_threshold)):
-        written.append(save_png(upsample(rgb, *img.shape[-2:]), out_dir / f"{Path(path).stem}_pca.png"))
+        pcas.append(upsample(rgb, *img.shape[-2:]))  # [H,W,3], the image's own size
+        written.append(save_png(pcas[-1], out_dir / f"{Path(path).stem}_pca.png"))
         print(f"{written[-1]}: foreground {100 * fg.float().mean():.0f}% of patches")
-    return {"pngs": written}
+    sheet = pca_sheet(pictures, pcas, cfg.sheet_height)
+    return {"pngs": written, "sheet": save_png(sheet, out_dir / f"{Path(images[0]).stem}_pca_sheet.png")}
+
+
+def pca_sheet(pictures, pcas, height):
+    """Inputs on top, their PCA pictures below, each scaled to `height` px tall, aspect kept (as in Fig. 1)."""
+    def scaled(rgb):  # [H,W,3] -> [height, W*height/H, 3]
+        h, w = rgb.shape[:2]
+        size = (height, max(1, round(w * height / h)))
+        return F.interpolate(rgb.permute(2, 0, 1)[None], size=size, mode="bilinear", antialias=True)[0].permute(1, 2, 0)
+    top = torch.cat([scaled(p.permute(1, 2, 0)) for p in pictures], dim=1)  # [height, sum W, 3]
+    bottom = torch.cat([scaled(p) for p in pcas], dim=1)
+    return torch.cat([top, bottom], dim=0)  # [2*height, sum W, 3]
 
 
 def run_attention(backbone, cfg, device, images, out_dir):
@@ -482,7 +498,8 @@ def run_attention(backbone, cfg, device, images, out_dir):
         img = load_picture(path)
         maps = cls_attention(backbone, prepare_picture(img, cfg.picture_size, backbone.patch_size).to(device))
         for h, m in enumerate(maps):
-            written.append(save_png(upsample(heat(m), *img.shape[-2:]), out_dir / f"{Path(path).stem}_attn_head{h}.png"))
+            png = out_dir / f"{Path(path).stem}_attn_head{h}.png"
+            written.append(save_png(upsample(heat(m), *img.shape[-2:]), png))
     print(f"wrote {len(written)} PNGs (one per head and image) to {out_dir}")
     return {"pngs": written}
 

@@ -196,6 +196,7 @@ def test_pca_and_attention_pngs_have_the_image_size(fixture_vit, tmp_path):
         ev.save_png(smooth_picture(h, w, seed=i).permute(1, 2, 0), paths[-1])
     pca, attn = run_pictures(model_args, state_dict, tmp_path, paths)
     assert [Image.open(p).size for p in pca] == [(75, 50), (40, 64)]  # PIL sizes are (width, height)
+    assert Image.open(tmp_path / "pic0_pca_sheet.png").size == (240 + 100, 2 * 160)  # 160 px rows, aspect kept
     assert len(attn) == model_args["num_heads"] and all(Image.open(p).size == (75, 50) for p in attn)
 
 
