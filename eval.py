@@ -188,39 +188,40 @@ def linear_features(backbone, dataset, image_size, n_blocks=4, batch_size=256, d
 
 
 def linear_inputs(cls, avgpool, n_blocks_list):
-    """The feature variants of the grid: {"blocks=n avgpool=a": [N, n*D (+D)]}, official create_linear_input order
-    (class tokens of the last n blocks, oldest first, then the last block's average patch token)."""
+    """The feature variants of the grid: {"blocks=n avgpool=a": [B, n*D (+D)]}, official create_linear_input order
+    (class tokens of the last n blocks, oldest first, then the last block's average patch token). Built per batch,
+    so that only cls [N,n,D] and avgpool [N,D] are kept in memory."""
     variants = {}
     for n in n_blocks_list:
-        tokens = cls[:, -n:].flatten(1)  # [N,n,D] -> [N,n*D]
+        tokens = cls[:, -n:].flatten(1)  # [B,n,D] -> [B,n*D]
         variants[f"blocks={n} avgpool=0"] = tokens
-        variants[f"blocks={n} avgpool=1"] = torch.cat([tokens, avgpool], dim=1)  # [N,(n+1)*D]
+        variants[f"blocks={n} avgpool=1"] = torch.cat([tokens, avgpool], dim=1)  # [B,(n+1)*D]
     return variants
 
 
-def train_linear_grid(train_x, train_y, num_classes, lrs, iters, batch_size, momentum=0.9, seed=0):
+def train_linear_grid(cls, avgpool, labels, n_blocks_list, num_classes, lrs, iters, batch_size, momentum=0.9,
+                      seed=0, device="cpu"):
     """SGD on one batched linear layer per feature variant: weight [L,Din,C] holds the L heads that differ only by
     learning rate, so all grid points see the same batches and train in one loop. Init N(0, 0.01), bias 0, lr scaled
     by batch/256 and decayed with a cosine to 0, weight decay 0 (official eval/linear.py).
     -> {variant: (weight [L,Din,C], bias [L,1,C])}."""
     g = torch.Generator().manual_seed(seed)
-    n_train = len(train_y)
-    lr = torch.tensor(lrs, dtype=torch.float32).view(-1, 1, 1) * batch_size / 256  # [L,1,1]
+    lr = torch.tensor(lrs, dtype=torch.float32, device=device).view(-1, 1, 1) * batch_size / 256  # [L,1,1]
     heads, momenta = {}, {}
-    for name, x in train_x.items():
-        w = (torch.randn(len(lrs), x.shape[1], num_classes, generator=g) * 0.01).requires_grad_()  # [L,Din,C]
-        b = torch.zeros(len(lrs), 1, num_classes, requires_grad=True)  # [L,1,C]
-        heads[name], momenta[name] = (w, b), (torch.zeros_like(w), torch.zeros_like(b))
-    order, pos = torch.randperm(n_train, generator=g), 0
+    for name, x in linear_inputs(cls[:1], avgpool[:1], n_blocks_list).items():
+        w = (torch.randn(len(lrs), x.shape[1], num_classes, generator=g) * 0.01).to(device).requires_grad_()
+        b = torch.zeros(len(lrs), 1, num_classes, device=device, requires_grad=True)  # [L,1,C]
+        heads[name], momenta[name] = (w, b), (torch.zeros_like(w), torch.zeros_like(b))  # w: [L,Din,C]
+    order, pos = torch.randperm(len(labels), generator=g), 0
     for it in tqdm(range(iters), desc="linear heads", leave=False):
-        if pos + batch_size > n_train:  # reshuffle each epoch, drop the last incomplete batch
-            order, pos = torch.randperm(n_train, generator=g), 0
+        if pos + batch_size > len(labels):  # reshuffle each epoch, drop the last incomplete batch
+            order, pos = torch.randperm(len(labels), generator=g), 0
         idx, pos = order[pos:pos + batch_size], pos + batch_size
-        y = train_y[idx].repeat(len(lrs))  # [L*B]
+        xs = linear_inputs(cls[idx].to(device), avgpool[idx].to(device), n_blocks_list)
+        y = labels[idx].to(device).repeat(len(lrs))  # [L*B]
         step_lr = lr * 0.5 * (1 + math.cos(math.pi * it / iters))  # cosine schedule, [L,1,1]
-        for name, x in train_x.items():
-            w, b = heads[name]
-            logits = torch.baddbmm(b, x[idx].expand(len(lrs), -1, -1), w)  # [L,B,Din] @ [L,Din,C] -> [L,B,C]
+        for name, (w, b) in heads.items():
+            logits = torch.baddbmm(b, xs[name].expand(len(lrs), -1, -1), w)  # [L,B,Din] @ [L,Din,C] -> [L,B,C]
             # sum over heads of each head's mean cross-entropy: the heads' gradients stay independent
             loss = F.cross_entropy(logits.flatten(0, 1), y, reduction="sum") / batch_size
             grads = torch.autograd.grad(loss, (w, b))
@@ -232,16 +233,17 @@ def train_linear_grid(train_x, train_y, num_classes, lrs, iters, batch_size, mom
 
 
 @torch.no_grad()
-def grid_accuracy(heads, xs, y, chunk=4096):
+def grid_accuracy(heads, cls, avgpool, labels, n_blocks_list, chunk=4096):
     """Top-1 accuracy (%) of every head: {variant: [L]}."""
-    acc = {}
-    for name, (w, b) in heads.items():
-        correct = torch.zeros(w.shape[0])
-        for i in range(0, len(y), chunk):
-            logits = torch.baddbmm(b, xs[name][i:i + chunk].expand(w.shape[0], -1, -1), w)  # [L,B,C]
-            correct += (logits.argmax(-1) == y[i:i + chunk]).sum(1)  # [L]
-        acc[name] = 100.0 * correct / max(1, len(y))
-    return acc
+    device = next(iter(heads.values()))[0].device
+    correct = {name: torch.zeros(w.shape[0], device=device) for name, (w, _) in heads.items()}
+    for i in range(0, len(labels), chunk):
+        xs = linear_inputs(cls[i:i + chunk].to(device), avgpool[i:i + chunk].to(device), n_blocks_list)
+        y = labels[i:i + chunk].to(device)
+        for name, (w, b) in heads.items():
+            logits = torch.baddbmm(b, xs[name].expand(w.shape[0], -1, -1), w)  # [L,B,C]
+            correct[name] += (logits.argmax(-1) == y).sum(1)  # [L]
+    return {name: (100.0 * c / max(1, len(labels))).cpu() for name, c in correct.items()}
 
 
 def run_linear(backbone, cfg, device):
@@ -252,33 +254,30 @@ def run_linear(backbone, cfg, device):
     n_blocks_list = sorted({min(n, n_max) for n in cfg.linear_n_blocks})  # a 3-block model has no "last 4 blocks"
     extract = partial(linear_features, backbone, image_size=cfg.image_size, n_blocks=n_max,
                       batch_size=cfg.batch_size, device=device, num_workers=cfg.num_workers)
-    train_cls, train_avg, train_y = extract(train_set)
+    train_cls, train_avg, train_y = extract(train_set)  # [N,n,D], [N,D], [N]
     test_cls, test_avg, test_y = extract(test_set)
+    print(f"features of {len(train_y)} + {len(test_y)} images in {time.time() - start:.0f} s; training "
+          f"{2 * len(n_blocks_list)} variants x {len(cfg.linear_lrs)} learning rates together")
     # held-out split of the training set picks the grid point; the test set is looked at once, for that point
     perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(cfg.seed))
     n_val = max(1, int(round(cfg.linear_val_fraction * len(train_y))))
-    val_idx, fit_idx = perm[:n_val], perm[n_val:]
-    xs = linear_inputs(train_cls, train_avg, n_blocks_list)
-    fit_x = {k: v[fit_idx] for k, v in xs.items()}
-    val_x = {k: v[val_idx] for k, v in xs.items()}
-    test_x = linear_inputs(test_cls, test_avg, n_blocks_list)
-    num_classes = int(train_y.max()) + 1
-    print(f"features of {len(train_y)} + {len(test_y)} images in {time.time() - start:.0f} s; training "
-          f"{len(xs)} variants x {len(cfg.linear_lrs)} learning rates together")
-    heads = train_linear_grid(fit_x, train_y[fit_idx], num_classes, cfg.linear_lrs, cfg.linear_iters,
-                              cfg.linear_batch_size, cfg.linear_momentum, cfg.seed)
-    val_acc = grid_accuracy(heads, val_x, train_y[val_idx])
+    val, fit = perm[:n_val], perm[n_val:]
+    heads = train_linear_grid(train_cls[fit], train_avg[fit], train_y[fit], n_blocks_list, int(train_y.max()) + 1,
+                              cfg.linear_lrs, cfg.linear_iters, cfg.linear_batch_size, cfg.linear_momentum,
+                              cfg.seed, device)
+    val_acc = grid_accuracy(heads, train_cls[val], train_avg[val], train_y[val], n_blocks_list)
     best_name, best_l = max(((n, l) for n in val_acc for l in range(len(cfg.linear_lrs))),
                             key=lambda nl: val_acc[nl[0]][nl[1]].item())
     w, b = heads[best_name]
-    test_acc = grid_accuracy({best_name: (w[best_l:best_l + 1], b[best_l:best_l + 1])}, test_x, test_y)
+    best_head = {best_name: (w[best_l:best_l + 1], b[best_l:best_l + 1])}
+    test_top1 = grid_accuracy(best_head, test_cls, test_avg, test_y, n_blocks_list)[best_name][0].item()
     grid = [{"variant": n, "lr": cfg.linear_lrs[l], "val_top1": val_acc[n][l].item()}
             for n in val_acc for l in range(len(cfg.linear_lrs))]
     if best_l in (0, len(cfg.linear_lrs) - 1) and len(cfg.linear_lrs) > 1:
         print(f"note: the best learning rate {cfg.linear_lrs[best_l]} is at the edge of the grid; widen --linear_lrs")
-    return {"n_fit": len(fit_idx), "n_val": n_val, "n_test": len(test_y),
+    return {"n_fit": len(fit), "n_val": n_val, "n_test": len(test_y),
             "best": {"variant": best_name, "lr": cfg.linear_lrs[best_l], "val_top1": val_acc[best_name][best_l].item(),
-                     "test_top1": test_acc[best_name][0].item()}, "grid": grid}
+                     "test_top1": test_top1}, "grid": grid}
 
 
 # ---------------------------------------------------------------------------------------------------------------

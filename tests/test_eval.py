@@ -107,22 +107,27 @@ def test_linear_grid_fits_a_separable_problem():
     top2 = (x @ w_true).topk(2, dim=1)
     keep = (top2.values[:, 0] - top2.values[:, 1]) > 0.5  # a margin, so that "separable" is not borderline
     x, y = x[keep][:600], top2.indices[keep][:600, 0]
+    cls, avg = x.view(-1, 2, 8), torch.randn(len(x), 4, generator=g)  # two "blocks" of 8 dims, noise as avgpool
     lrs = (1e-4, 0.1, 1.0)
-    heads = ev.train_linear_grid({"a": x[:500], "b": x[:500, :8]}, y[:500], 4, lrs, iters=300, batch_size=64)
-    acc = ev.grid_accuracy(heads, {"a": x[500:], "b": x[500:, :8]}, y[500:])
-    assert acc["a"].shape == (3,)
-    assert acc["a"][2] >= 98.0  # the large learning rate fits the full features
-    assert acc["a"][0] < acc["a"][2]  # lr 1e-4 barely moves from the N(0, 0.01) init in 300 steps
-    assert acc["b"][2] < acc["a"][2]  # half the features do not separate the classes
+    heads = ev.train_linear_grid(cls[:500], avg[:500], y[:500], (1, 2), 4, lrs, iters=300, batch_size=64)
+    acc = ev.grid_accuracy(heads, cls[500:], avg[500:], y[500:], (1, 2))
+    assert set(acc) == {"blocks=1 avgpool=0", "blocks=1 avgpool=1", "blocks=2 avgpool=0", "blocks=2 avgpool=1"}
+    full = acc["blocks=2 avgpool=0"]
+    assert full.shape == (3,)
+    assert full[2] >= 98.0  # the large learning rate fits the full features
+    assert full[0] < full[2]  # lr 1e-4 barely moves from the N(0, 0.01) init in 300 steps
+    assert acc["blocks=1 avgpool=0"][2] < full[2]  # the last block alone (half the features) does not separate
 
 
 def test_linear_heads_are_independent_of_each_other():
     # All grid points train in one loop; changing one head's learning rate must not change another head.
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(200, 8, generator=g), torch.randint(0, 3, (200,), generator=g)
-    w1, b1 = ev.train_linear_grid({"a": x}, y, 3, (0.01, 0.5), iters=20, batch_size=32, seed=3)["a"]
-    w2, b2 = ev.train_linear_grid({"a": x}, y, 3, (0.01, 5.0), iters=20, batch_size=32, seed=3)["a"]
-    assert w1.shape == (2, 8, 3) and b1.shape == (2, 1, 3)
+    cls, avg = torch.randn(200, 1, 8, generator=g), torch.randn(200, 8, generator=g)
+    y = torch.randint(0, 3, (200,), generator=g)
+    h1 = ev.train_linear_grid(cls, avg, y, (1,), 3, (0.01, 0.5), iters=20, batch_size=32, seed=3)
+    h2 = ev.train_linear_grid(cls, avg, y, (1,), 3, (0.01, 5.0), iters=20, batch_size=32, seed=3)
+    (w1, b1), (w2, b2) = h1["blocks=1 avgpool=1"], h2["blocks=1 avgpool=1"]
+    assert w1.shape == (2, 16, 3) and b1.shape == (2, 1, 3)
     torch.testing.assert_close(w1[0], w2[0])
     torch.testing.assert_close(b1[0], b2[0])
     assert not torch.allclose(w1[1], w2[1])
