@@ -43,14 +43,15 @@ from torch.nn.init import trunc_normal_
 # --------------------------------------------------------------------------------------------------------------------
 # "fused": F.scaled_dot_product_attention (flash / memory-efficient kernels; never materialises the N x N matrix).
 # "explicit": softmax(Q K^T / sqrt(d)) V written out; it can return the attention weights (attention maps).
-# "auto" (the default) picks per call from the device and compute dtype, by measurement (`python model.py --bench`,
-# ViT-S/14 + 4 registers, 2 shared CPU cores, torch 2.13, seconds, median of 3; see the README for the full table):
-#                          fp32 fused / explicit      bf16 autocast fused / explicit
-#   224px, batch 8, fwd+bwd      1.65 / 1.76                   0.70 / 0.55
-#   518px, batch 1, fwd+bwd      3.14 / 4.46                   1.65 / 0.64
-#   518px, batch 1, fwd          0.58 / 0.61                   0.59 / 0.21
-#   CPU fp32: fused (faster, most at high resolution). CPU bf16: explicit (the fused CPU kernel gains nothing from
-#   bf16 and its backward is 2-3x slower). CUDA: fused (flash attention; no GPU here to measure, habit not data).
+# "auto" (the default) picks per call from the device and compute dtype, by measurement: `OMP_WAIT_POLICY=PASSIVE
+# python model.py --bench`, ViT-S/14 + 4 registers, torch 2.13, 2 shared CPU cores, process-CPU seconds (both
+# threads; the steady number on a loaded machine), median of 3:
+#                                  fp32 fused / explicit    bf16 autocast fused / explicit
+#   224 px, batch 8, fwd+bwd             3.19 / 3.38                  1.37 / 1.04
+#   518 px, batch 1, fwd+bwd             3.11 / 4.05                  1.70 / 0.91
+#   518 px, batch 1, fwd (no grad)       1.00 / 1.08                  0.62 / 0.35
+#   CPU fp32 -> fused (equal at 224, 1.3x faster at 518). CPU bf16 -> explicit (the fused CPU kernel gains little
+#   from bf16 and its backward is 1.3-1.9x slower here). CUDA -> fused (flash attention; no GPU here to measure).
 ATTN_IMPLS = ("auto", "fused", "explicit")
 
 
