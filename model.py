@@ -381,11 +381,12 @@ class WeightNormLinear(nn.Module):
         v = nn.Linear(in_features, out_features, bias=False).weight.detach().clone()  # PyTorch default init
         self.weight_v = nn.Parameter(v)
 
-    def weight(self):
+    @property
+    def weight(self):  # an attribute, as on the official weight-normed nn.Linear
         return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)  # (K, in)
 
     def forward(self, x):
-        return F.linear(x, self.weight())
+        return F.linear(x, self.weight)
 
 
 class DINOHead(nn.Module):

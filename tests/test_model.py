@@ -123,7 +123,7 @@ def test_dino_head_matches_official(fixtures_dir):
     assert torch.equal(head.last_layer.weight_g, torch.ones(128, 1))  # official init
     head.load_state_dict(fx["state_dict"], strict=True)
     assert_close(head.mlp(fx["x"]), fx["mlp_out"], "mlp_out")
-    assert_close(head.last_layer.weight(), fx["last_layer_weight_effective"], "last_layer_weight_effective")
+    assert_close(head.last_layer.weight, fx["last_layer_weight_effective"], "last_layer_weight_effective")
     assert_close(head(fx["x"]), fx["out"], "out")
 
 
