@@ -423,7 +423,7 @@ class DINOHead(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Constructors (official widths / depths / heads, Tab. 1 and App. B; head width is always 64)
+# Constructors (official widths / depths / heads, paper App. B; head width is always 64)
 # --------------------------------------------------------------------------------------------------------------------
 def vit_small(patch_size=14, **kw):
     return DinoVisionTransformer(patch_size=patch_size, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4, **kw)
