@@ -205,6 +205,16 @@ def test_pca_and_attention_pngs_have_the_image_size(fixture_vit, tmp_path):
     assert len(attn) == model_args["num_heads"] and all(Image.open(p).size == (75, 50) for p in attn)
 
 
+def test_released_layout_bare_state_dict_without_sidecar(tmp_path):
+    # dinov2_vits14_pretrain.pth is a bare state dict; the architecture is read off its shapes (64-wide heads)
+    torch.manual_seed(0)
+    vit = DinoVisionTransformer(img_size=56, patch_size=14, embed_dim=128, depth=2, num_heads=2, init_values=1.0)
+    torch.save(vit.state_dict(), tmp_path / "hub_like.pth")
+    ev.save_png(smooth_picture(30, 45).permute(1, 2, 0), tmp_path / "pic.png")
+    res = ev.main(["attention", str(tmp_path / "hub_like.pth"), str(tmp_path / "pic.png"), "--picture_size", "28"])
+    assert len(res["pngs"]) == 2 and Image.open(res["pngs"][0]).size == (45, 30)
+
+
 def test_pca_and_attention_pngs_on_a_real_photo(fixture_vit, tmp_path):
     photo = OPENCV_DATA / "squirrel_cls.jpg"
     if not photo.exists():
