@@ -115,6 +115,8 @@ class Config:
 
 ARCHS = {  # model.vit_* widths / depths / heads (Tab. 1, App. B); vit_tiny is this repo's CPU demo
     "vit_tiny": dict(embed_dim=128, depth=4, num_heads=4),
+    "vit_tiny_d2": dict(embed_dim=128, depth=2, num_heads=4),  # distill.py CPU demo students
+    "vit_mini": dict(embed_dim=64, depth=3, num_heads=2),
     "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
     "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
     "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
@@ -140,16 +142,12 @@ PRESETS = {
 }
 
 
-def parse_config(argv=None):
-    """Config from the command line: --preset NAME (default "tiny"), then --<field> VALUE overrides.
-    Unknown flags are an error (argparse). -> (config, args) with args.bench for the benchmark mode."""
-    parser = argparse.ArgumentParser(description="DINOv2 pretraining. Defaults: the paper's; no flags: the tiny "
-                                                 "CPU demo preset.")
-    parser.add_argument("--preset", default="tiny", choices=["paper", *PRESETS],
+def config_parser(config_cls, presets, description):
+    """--preset NAME (default "tiny") and one --<field> flag per dataclass field; unknown flags are an error."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--preset", default="tiny", choices=["paper", *presets],
                         help="named preset applied on top of the paper defaults ('paper' = none)")
-    parser.add_argument("--bench", action="store_true", help="time training steps (tiny preset, ViT-S/14 b=8)")
-    parser.add_argument("--baselines", action="store_true", help="k-NN of raw pixels and of the network at init")
-    for f in fields(Config):
+    for f in fields(config_cls):
         if f.type is bool or f.type == "bool":
             parser.add_argument(f"--{f.name}", type=lambda v: v.lower() in ("1", "true", "yes"), nargs="?",
                                 const=True, default=None)
@@ -157,11 +155,25 @@ def parse_config(argv=None):
             parser.add_argument(f"--{f.name}", type=float, nargs=len(f.default), default=None)
         else:
             parser.add_argument(f"--{f.name}", type=type(f.default), default=None)
-    args = parser.parse_args(argv)
-    overrides = dict(PRESETS.get(args.preset, {}))
+    return parser
+
+
+def config_from_args(args, config_cls, presets):
+    """The dataclass defaults, then the preset, then the flags given on the command line."""
+    overrides = dict(presets.get(args.preset, {}))
     overrides.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items()
-                      if k in {f.name for f in fields(Config)} and v is not None})
-    return Config(**overrides), args
+                      if k in {f.name for f in fields(config_cls)} and v is not None})
+    return config_cls(**overrides)
+
+
+def parse_config(argv=None):
+    """Config from the command line -> (config, args) with args.bench / args.baselines for the other modes."""
+    parser = config_parser(Config, PRESETS, "DINOv2 pretraining. Defaults: the paper's; no flags: the tiny CPU "
+                                            "demo preset.")
+    parser.add_argument("--bench", action="store_true", help="time training steps (tiny preset, ViT-S/14 b=8)")
+    parser.add_argument("--baselines", action="store_true", help="k-NN of raw pixels and of the network at init")
+    args = parser.parse_args(argv)
+    return config_from_args(args, Config, PRESETS), args
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -595,14 +607,20 @@ class DinoV2(nn.Module):
             crops, crop_masks = crops + [local_crops], crop_masks + [None]
         out = self.backbone(crops, masks=crop_masks, is_training=True)
         cls = torch.cat([o["x_norm_clstoken"] for o in out])  # [(2+n)B,D]
-        patches = out[0]["x_norm_patchtokens"][masks]  # [2B,N,D] -> [M,D]
+        patches = masked_tokens(out[0]["x_norm_patchtokens"], masks)  # [2B,N,D] -> [M,D]
         return out[0]["x_norm_clstoken"], self.dino_head(cls), self.ibot_head(patches)
 
     @torch.no_grad()
     def teacher_logits(self, global_crops, masks):
         """Teacher pass on the unmasked global crops -> DINO logits [2B,K], iBOT logits at the masked patches [M,K]."""
         out = self.backbone(global_crops, is_training=True)
-        return self.dino_head(out["x_norm_clstoken"]), self.ibot_head(out["x_norm_patchtokens"][masks])
+        return self.dino_head(out["x_norm_clstoken"]), self.ibot_head(masked_tokens(out["x_norm_patchtokens"], masks))
+
+
+def masked_tokens(patch_tokens, masks):
+    """The patch tokens the iBOT loss sees: the masked ones [2B,N,D] -> [M,D]; all of them when masks is None
+    (distillation, Sec. 5: no masking, iBOT on every patch of the global crops) -> [2B*N,D]."""
+    return patch_tokens.flatten(0, 1) if masks is None else patch_tokens[masks]
 
 
 def model_args_for(cfg, img_size=None):
@@ -790,18 +808,25 @@ def student_loss(model, batch, dino_probs, ibot_probs, cfg, autocast):
     return total, dict(dino=dino.detach(), ibot=ibot.detach(), koleo=koleo.detach())
 
 
+def backward_micro_batch(model, batch, dino_probs, ibot_probs, scaler, cfg, autocast, n_micro, last):
+    """Student loss on one micro-batch, backward scaled by 1/n_micro (gradient accumulation); DDP all-reduces the
+    gradients only on the last micro-batch. -> dict of the detached loss terms."""
+    sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext()
+    with sync:
+        total, parts = student_loss(model, batch, dino_probs, ibot_probs, cfg, autocast)
+        scaler.scale(total / n_micro).backward()
+    return dict(loss=total.detach(), **parts)
+
+
 def forward_backward(model, teacher, batches, teacher_temp, centers, scaler, cfg, autocast):
     """Accumulate gradients over the micro-batches of one optimizer step (DDP syncs only on the last one).
     -> (mean loss terms, teacher logits of all micro-batches for the center update)."""
     terms, logits = {}, {"dino": [], "ibot": []}
     for i, batch in enumerate(batches):
-        last = i == len(batches) - 1
-        sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext()
         dino_probs, ibot_probs, teacher_out = teacher_targets(teacher, batch, teacher_temp, centers, cfg, autocast)
-        with sync:
-            total, parts = student_loss(model, batch, dino_probs, ibot_probs, cfg, autocast)
-            scaler.scale(total / len(batches)).backward()
-        for k, v in dict(loss=total.detach(), **parts).items():
+        parts = backward_micro_batch(model, batch, dino_probs, ibot_probs, scaler, cfg, autocast, len(batches),
+                                     last=i == len(batches) - 1)
+        for k, v in parts.items():
             terms[k] = terms.get(k, 0.0) + v / len(batches)
         for k in logits:
             logits[k].append(teacher_out[k])
@@ -875,8 +900,7 @@ def save_checkpoint(path, cfg, model_args, step, student, teacher, optimizer, sc
         state = dict(config=asdict(cfg), model_args=model_args, step=step, student=student_sd, teacher=teacher_sd,
                      optimizer=optim_sd, scaler=scaler.state_dict(), centers=centers, rng=rng_states(),
                      data=dict(seed=cfg.seed, micro_step=step * accum))
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        atomic_save(state, path)
 
 
 def load_checkpoint(path, student, teacher, optimizer, scaler, cfg, device):
@@ -897,13 +921,18 @@ def load_checkpoint(path, student, teacher, optimizer, scaler, cfg, device):
     return ckpt["step"], {k: v.to(device) for k, v in ckpt["centers"].items()}
 
 
-def save_teacher_backbone(output_dir, teacher_sd, model_args):
-    """teacher_backbone.pth: the bare backbone state dict in the official key layout (as the released hub
-    weights), plus teacher_backbone.json with the constructor kwargs, for eval.py / model.load_model."""
-    backbone = {k.removeprefix("backbone."): v for k, v in teacher_sd.items() if k.startswith("backbone.")}
-    torch.save(backbone, os.path.join(output_dir, "teacher_backbone.pth.tmp"))
-    os.replace(os.path.join(output_dir, "teacher_backbone.pth.tmp"), os.path.join(output_dir, "teacher_backbone.pth"))
-    with open(os.path.join(output_dir, "teacher_backbone.json"), "w") as f:
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash mid-write never leaves a broken file at `path`."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def save_backbone(path, state_dict, model_args):
+    """The backbone alone (the "backbone.*" entries of a DinoV2 state dict) as a bare state dict in the official
+    key layout, as the released hub weights, plus <stem>.json with the constructor kwargs (model.load_model)."""
+    backbone = {k.removeprefix("backbone."): v.cpu() for k, v in state_dict.items() if k.startswith("backbone.")}
+    atomic_save(backbone, path)
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
         json.dump(dict(model_args=model_args), f, indent=1)
 
 
@@ -1056,7 +1085,7 @@ def train(cfg, dataset=None):
     if it + 1 == cfg.total_iters:
         teacher_sd = full_state_dicts(student, teacher, None, cfg)[1]
         if rank == 0:
-            save_teacher_backbone(cfg.output_dir, {k: v.cpu() for k, v in teacher_sd.items()}, model_args)
+            save_backbone(os.path.join(cfg.output_dir, "teacher_backbone.pth"), teacher_sd, model_args)
     return student, teacher
 
 
