@@ -1,0 +1,314 @@
+"""Distilling a large frozen DINOv2 model into smaller ones (arXiv 2304.07193, Sec. 5 "Distillation").
+
+The paper trains ViT-g/14 once and distils it into ViT-S/B/L, which then beat the same architectures trained from
+scratch (Tab. 5). The distillation loop is the pretraining loop of train.py with a few changes (Sec. 5): the
+teacher is a frozen pretrained model instead of an EMA of the student, there is no masking and no stochastic
+depth, the iBOT loss is applied to every patch token of the two global crops, and a spare EMA of each student
+is kept and is the model that is saved and evaluated. As in DINOv3, several students can be trained in one run:
+they share one teacher forward pass per batch. Everything else (data, multi-crop, schedules, optimiser,
+distributed set-up, checkpoints) is imported from train.py; this file holds only what differs.
+
+Run:
+    python train.py                                   # first: the tiny teacher (CPU demo), runs/tiny/checkpoint.pth
+    python distill.py                                 # CPU demo: that teacher -> two smaller students, k-NN at the end
+    python distill.py --teacher runs/vitg/checkpoint.pth --preset vit_s --students vit_small,vit_base   # one GPU
+    torchrun --nproc_per_node=8 distill.py --teacher runs/vitg/checkpoint.pth --students vit_small,vit_base,vit_large
+With no --preset the tiny CPU demo preset is used; --preset paper gives the dataclass defaults (Tab. 17).
+
+Paper -> code
+  Sec. 5, "a larger model as a frozen teacher" .................. load_teacher (needs the DINO and iBOT heads)
+  Sec. 5, same losses: DINO (all crop pairs), iBOT, KoLeo ......... train.student_loss via train.backward_micro_batch
+  Sec. 5, "remove the masking and stochastic depth" .............. DistillConfig: mask_probability 0, drop_path_rate 0
+  Sec. 5, "apply the iBOT loss on the two global crops" .......... unmasked_batch (every patch token, weight 1/N)
+  Sec. 5, "keep a spare EMA of the student ... our final model" .. Student.ema, train.ema_update
+  App. B, Tab. 17, distilled S/B/L: lr 1e-3 at batch 2048 ........ DistillConfig defaults
+  DINOv3 (Simeoni et al. 2025), several students, one teacher .... distill_step
+
+Shape legend: B batch (images per micro-batch), N patch tokens per global crop, D width, K prototypes.
+"""
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from losses import is_dist, update_center
+from model import DINOHead, DinoVisionTransformer, backbone_state_dict, infer_model_args
+from train import (ARCHS, PRESETS, Config, DinoV2, StopSignal, atomic_save, autocast_for, backward_micro_batch,
+                   batch_to, build_dataset, build_schedules, build_student_teacher, config_from_args, config_parser,
+                   derived_values, ema_update, eval_transform, full_state_dicts, get_rank, knn_eval, make_loader,
+                   optimizer_step, param_groups, print0, rng_states, save_backbone, set_hyperparameters,
+                   set_rng_states, setup_distributed, step_seed, teacher_targets, wrap_student)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration: train.Config plus the teacher and the students; the defaults that differ are Sec. 5 / Tab. 17
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class DistillConfig(Config):
+    teacher: str = ""  # train.py checkpoint (checkpoint.pth) of the frozen teacher, with its DINO and iBOT heads
+    students: str = "vit_small,vit_base,vit_large"  # comma-separated train.ARCHS keys; one teacher pass for all
+    output_dir: str = "runs/distill"
+    arch: str = ""  # unused: the teacher's architecture is read from its checkpoint, the students' from `students`
+    drop_path_rate: float = 0.0  # Sec. 5: no stochastic depth in the students
+    mask_probability: float = 0.0  # Sec. 5: no masking; the iBOT loss sees every patch of the global crops
+    batch_size: int = 2048  # Tab. 17, distilled ViT-S/B/L
+    base_lr: float = 1e-3 / math.sqrt(2)  # Tab. 17: lr 1e-3 at batch 2048 = base * sqrt(2048 / 1024)
+    n_prototypes: int = 0  # unused: the students' heads get the teacher's number of prototypes
+
+
+# The paper's distilled S/B/L share one configuration (Tab. 17): the dataclass defaults, `--preset paper`.
+DISTILL_PRESETS = {
+    # CPU demo: the tiny teacher of `python train.py` distilled into a half-depth and a half-width student
+    # (train.ARCHS vit_tiny_d2, vit_mini) on the same crops and patch size.
+    "tiny": {**{k: v for k, v in PRESETS["tiny"].items() if k not in ("arch", "n_prototypes", "output_dir")},
+             "teacher": "runs/tiny/checkpoint.pth", "students": "vit_tiny_d2,vit_mini",
+             "output_dir": "runs/distill_tiny", "total_iters": 600, "warmup_iters": 60,
+             "teacher_temp_warmup_iters": 0, "freeze_last_layer_iters": 0},
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The frozen teacher and the students
+# ---------------------------------------------------------------------------------------------------------------
+def head_from_state_dict(sd, in_dim):
+    """A DINOHead shaped like the weights in sd (keys mlp.*, last_layer.weight_g/v), loaded strictly."""
+    linears = sorted({k.rsplit(".", 1)[0] for k in sd if k.startswith("mlp") and k.endswith("weight")})
+    K, bottleneck = sd["last_layer.weight_v"].shape
+    hidden = sd[linears[0] + ".weight"].shape[0] if len(linears) > 1 else bottleneck
+    head = DINOHead(in_dim, K, nlayers=len(linears), hidden_dim=hidden, bottleneck_dim=bottleneck,
+                    mlp_bias=any(k.endswith("bias") for k in sd))
+    head.load_state_dict(sd, strict=True)
+    return head
+
+
+def load_teacher(path):
+    """Frozen teacher (backbone + DINO head + iBOT head) from a train.py or official training checkpoint.
+    -> (DinoV2 in eval mode without gradients, backbone kwargs). The distillation targets are the teacher's
+    distributions over its prototypes, so a checkpoint without heads cannot be used."""
+    if not path or not os.path.exists(path):
+        raise FileNotFoundError(f"teacher checkpoint {path!r} not found: train one with `python train.py` "
+                                f"(writes runs/tiny/checkpoint.pth) and pass --teacher <checkpoint.pth>")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    sd = ckpt.get("teacher", {}) if isinstance(ckpt, dict) else {}
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    heads = {h: {k.removeprefix(h + "."): v for k, v in sd.items() if k.startswith(h + ".")}
+             for h in ("dino_head", "ibot_head")}
+    if not heads["dino_head"]:
+        raise ValueError(
+            f"{path} holds no DINO head (no 'teacher' entry with 'dino_head.*' keys). Distillation trains the "
+            f"students to match the teacher's distributions over its prototypes (Sec. 5), which come from the DINO "
+            f"and iBOT heads. Released backbones (dinov2_vit*14_pretrain.pth) and teacher_backbone.pth ship without "
+            f"heads; use the full training checkpoint (train.py's checkpoint.pth, or the official "
+            f"training_*/teacher_checkpoint.pth).")
+    if not heads["ibot_head"]:  # official configs with ibot.separate_head=False share the DINO head (tied heads)
+        print0(f"{path}: no iBOT head, using the DINO head for the patch tokens (tied heads)")
+        heads["ibot_head"] = heads["dino_head"]
+    backbone_sd = backbone_state_dict(ckpt)
+    model_args = ckpt.get("model_args") or infer_model_args(backbone_sd)
+    backbone = DinoVisionTransformer(**model_args)
+    backbone.load_state_dict(backbone_sd, strict=True)
+    D = backbone.embed_dim
+    teacher = DinoV2(backbone, head_from_state_dict(heads["dino_head"], D), head_from_state_dict(heads["ibot_head"], D))
+    return teacher.requires_grad_(False).eval(), model_args
+
+
+@dataclass
+class Student:
+    name: str  # key of train.ARCHS
+    model: DinoV2  # raw module (state dicts without DDP prefixes)
+    ema: DinoV2  # the spare EMA (Sec. 5): the model that is saved and evaluated
+    wrapped: torch.nn.Module  # what is called: DDP / FSDP2 / compiled model
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    model_args: dict
+
+
+def build_student(cfg, name, n_prototypes, device):
+    """A student with its own DINO/iBOT heads over the teacher's K prototypes, and its EMA (starts as a copy)."""
+    if name not in ARCHS:
+        raise ValueError(f"unknown student {name!r}; choose from {sorted(ARCHS)}")
+    scfg = dataclasses.replace(cfg, arch=name, n_prototypes=n_prototypes)
+    model, ema, model_args = build_student_teacher(scfg)  # the "teacher" of train.py is exactly an EMA copy
+    model, ema = model.to(device), ema.to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=0.0, betas=cfg.adamw_betas)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    return Student(name, model, ema, wrap_student(model, ema, cfg, device), optimizer, scaler, model_args)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One distillation step: one teacher pass per micro-batch, shared by every student
+# ---------------------------------------------------------------------------------------------------------------
+def unmasked_batch(batch, patch_size):
+    """Sec. 5: no masking, iBOT on every patch of the global crops: masks=None and each token weighted 1/N, so
+    ibot_loss is the mean cross-entropy over all patch tokens of each crop."""
+    n_crops, _, H, W = batch["global_crops"].shape
+    N = (H // patch_size) * (W // patch_size)
+    weights = torch.full((n_crops * N,), 1.0 / N, device=batch["global_crops"].device)  # [2B*N]
+    return {**batch, "masks": None, "mask_weights": weights}
+
+
+def distill_step(students, teacher, batches, s, centers, cfg, autocast, it):
+    """Accumulate every student's gradients over the micro-batches, then step each optimiser and EMA.
+    -> ({student name: mean loss terms}, teacher logits for the EMA-centering update)."""
+    terms = {st.name: {} for st in students}
+    logits = {"dino": [], "ibot": []}
+    for i, batch in enumerate(batches):
+        dino_probs, ibot_probs, teacher_out = teacher_targets(teacher, batch, s["teacher_temp"], centers, cfg,
+                                                              autocast)  # [2,B,K], [2B*N,K]
+        for k in logits:
+            logits[k].append(teacher_out[k])
+        for st in students:
+            parts = backward_micro_batch(st.wrapped, batch, dino_probs, ibot_probs, st.scaler, cfg, autocast,
+                                         n_micro=len(batches), last=i == len(batches) - 1)
+            for k, v in parts.items():
+                terms[st.name][k] = terms[st.name].get(k, 0.0) + float(v) / len(batches)
+    for st in students:
+        set_hyperparameters(st.optimizer, s["lr"], s["last_layer_lr"], s["wd"])
+        optimizer_step(st.optimizer, st.scaler, st.model, it, cfg)
+        ema_update(st.ema, st.model, s["momentum"])  # the spare EMA of the student (Sec. 5)
+    return terms, {k: torch.cat(v) for k, v in logits.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: one file with every student (and its EMA), written atomically; resumable exactly
+# ---------------------------------------------------------------------------------------------------------------
+def save_distill_checkpoint(path, cfg, step, students, centers, accum):
+    entries = []
+    for st in students:  # every rank gathers (FSDP2), rank 0 writes
+        model_sd, ema_sd, optim_sd = full_state_dicts(st.model, st.ema, st.optimizer, cfg)
+        entries.append(dict(name=st.name, model_args=st.model_args, student=model_sd, ema=ema_sd,
+                            optimizer=optim_sd, scaler=st.scaler.state_dict()))
+    if get_rank() == 0:
+        atomic_save(dict(config=asdict(cfg), step=step, students=entries, centers=centers, rng=rng_states(),
+                         data=dict(seed=cfg.seed, micro_step=step * accum)), path)
+
+
+def load_distill_checkpoint(path, students, device):
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    saved = [e["name"] for e in ckpt["students"]]
+    if saved != [st.name for st in students]:
+        raise ValueError(f"{path} holds students {saved}, this run asks for {[st.name for st in students]}")
+    for st, e in zip(students, ckpt["students"]):
+        st.model.load_state_dict(e["student"])
+        st.ema.load_state_dict(e["ema"])
+        st.optimizer.load_state_dict(e["optimizer"])
+        st.scaler.load_state_dict(e["scaler"])
+    set_rng_states(ckpt["rng"])
+    return ckpt["step"], {k: v.to(device) for k, v in ckpt["centers"].items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The distillation loop
+# ---------------------------------------------------------------------------------------------------------------
+def distill(cfg, dataset=None):
+    """Distil cfg.teacher into each of cfg.students -> (teacher, [Student]). `dataset` overrides cfg.data."""
+    rank, world_size = get_rank(), dist.get_world_size() if is_dist() else 1
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    d = derived_values(cfg, world_size)
+    print0(f"config: {json.dumps(asdict(cfg))}\nderived: {json.dumps(d)}")
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    teacher, teacher_args = load_teacher(cfg.teacher)
+    if teacher_args["patch_size"] != cfg.patch_size:  # the iBOT loss compares patch tokens position by position
+        raise ValueError(f"teacher patch size {teacher_args['patch_size']} != --patch_size {cfg.patch_size}")
+    teacher = teacher.to(device)
+    K = teacher.dino_head.last_layer.weight_v.shape[0]
+    torch.manual_seed(cfg.seed)  # same initial students on every rank
+    students = [build_student(cfg, name, K, device) for name in cfg.students.split(",")]
+    dataset = dataset if dataset is not None else build_dataset(cfg.data, train=True)
+    centers = dict(dino=torch.zeros(1, K, device=device), ibot=torch.zeros(1, K, device=device))
+    ckpt_path, start = os.path.join(cfg.output_dir, "checkpoint.pth"), 0
+    if cfg.resume and os.path.exists(ckpt_path):
+        start, centers = load_distill_checkpoint(ckpt_path, students, device)
+        print0(f"resumed from {ckpt_path} at iteration {start}")
+    schedules = build_schedules(cfg, d["lr"])
+    stop_at, accum, autocast = cfg.stop_after or cfg.total_iters, d["accumulation_steps"], autocast_for(cfg, device)
+    loader = make_loader(dataset, cfg, d["micro_batch_size"], cfg.global_crop_size, start * accum, rank,
+                         world_size, device)
+    stop_signal, it = StopSignal(), start
+    metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if rank == 0 else None
+    bar = tqdm(range(start, stop_at), initial=start, total=stop_at, disable=rank != 0, desc="distill")
+    for it in bar:
+        torch.manual_seed(step_seed(cfg.seed, it, rank))
+        s = {k: float(v[it]) for k, v in schedules.items()}
+        batches = [unmasked_batch(batch_to(next(loader), device), cfg.patch_size) for _ in range(accum)]
+        terms, teacher_out = distill_step(students, teacher, batches, s, centers, cfg, autocast, it)
+        if cfg.centering == "ema":  # visible, once per step (the teacher is frozen, its targets still centred)
+            centers = {k: update_center(centers[k], teacher_out[k], cfg.center_momentum) for k in centers}
+        if (it + 1) % cfg.log_every == 0 and metrics_file:
+            metrics_file.write(json.dumps(dict(step=it + 1, **s, **terms)) + "\n")
+            metrics_file.flush()
+            bar.set_postfix({st: f"{t['loss']:.3f}" for st, t in terms.items()})
+        stopping = stop_signal.any_rank(device)
+        if stopping or (it + 1) % cfg.checkpoint_every == 0 or it + 1 == stop_at:
+            save_distill_checkpoint(ckpt_path, cfg, it + 1, students, centers, accum)
+        if stopping:
+            print0(f"\nstop signal: checkpoint written at iteration {it + 1}; continue with --resume")
+            break
+    stop_signal.restore()
+    if metrics_file:
+        metrics_file.close()
+    if it + 1 == cfg.total_iters:
+        for st in students:  # the EMA backbone alone, official key layout + sidecar json (model.load_model)
+            ema_sd = full_state_dicts(st.model, st.ema, None, cfg)[1]
+            if rank == 0:
+                save_backbone(os.path.join(cfg.output_dir, f"{st.name}_backbone.pth"), ema_sd, st.model_args)
+    return teacher, students
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Agreement with the teacher, and main
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def similarity_agreement(backbone_a, backbone_b, images):
+    """Cosine similarity between the two models' class-token similarity matrices on the same images [B,3,H,W]:
+    1 when both embed the images with the same geometry. Defined for models of different widths, where the class
+    tokens themselves cannot be compared."""
+    grams = []
+    for m in (backbone_a, backbone_b):
+        f = F.normalize(m.eval()(images).float(), dim=-1)  # [B,D]
+        grams.append((f @ f.T).flatten())  # [B*B]
+    return F.cosine_similarity(grams[0], grams[1], dim=0).item()
+
+
+def report(cfg, teacher, students, device, n_probe=256):
+    """k-NN top-1 of the teacher and of each student's EMA (k=20, T=0.07), and each student's agreement with the
+    teacher on n_probe held-out images -> {model: {"knn_top1": %, "agreement": cos}} (None without labels)."""
+    test_set = build_dataset(cfg.data, train=False)
+    probe = torch.stack([eval_transform(test_set[i][0], cfg.global_crop_size)
+                         for i in range(min(n_probe, len(test_set)))]).to(device)  # [n,3,G,G]
+    autocast = autocast_for(cfg, device)
+    results = {"teacher": dict(knn_top1=knn_eval(teacher.backbone, cfg, device, autocast), agreement=1.0)}
+    for st in students:
+        results[f"{st.name} (EMA)"] = dict(knn_top1=knn_eval(st.ema.backbone, cfg, device, autocast),
+                                           agreement=similarity_agreement(st.ema.backbone, teacher.backbone, probe))
+    return results
+
+
+def main():
+    parser = config_parser(DistillConfig, DISTILL_PRESETS, "Distil a frozen DINOv2 teacher into smaller students "
+                                                           "(Sec. 5). No flags: the tiny CPU demo preset.")
+    cfg = config_from_args(parser.parse_args(), DistillConfig, DISTILL_PRESETS)
+    _, _, device = setup_distributed()
+    t0 = time.perf_counter()
+    teacher, students = distill(cfg)
+    results = report(cfg, teacher, students, device)
+    print0(f"\n{'model':24s} k-NN top-1  agreement   ({(time.perf_counter() - t0) / 60:.1f} min)")
+    for name, r in results.items():
+        knn = "-" if r["knn_top1"] is None else f"{r['knn_top1']:.2f}%"
+        print0(f"{name:24s} {knn:>10s}  {r['agreement']:9.3f}")
+    if get_rank() == 0:
+        with open(os.path.join(cfg.output_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    if is_dist():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
