@@ -22,8 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from curate import (CurateConfig, connected_components, fill_index, inverse_norms, kmeans, knn_edges, self_dedup,
-                    train_index)
+from curate import CurateConfig, fill_index, kmeans, knn_edges, self_dedup, train_index
 
 
 @dataclass
@@ -89,12 +88,12 @@ def dedup_stage(n, exact, cfg):
     x, planted = clustered_embeddings(n, cfg)
     ccfg = CurateConfig(exact_max=n if exact else 0)
     times, t, cpu0 = {}, time.perf_counter(), cpu_seconds()
-    rows, inv_norm = np.arange(n), inverse_norms(x)
+    rows = np.arange(n)
     template = train_index(x, rows, ccfg)
     times["train"] = time.perf_counter() - t
     index = fill_index(template, x, rows, ccfg, keep_probes=True)
     times["add"] = time.perf_counter() - t - sum(times.values())
-    a, b, s = knn_edges(index, x, inv_norm, x, rows, ccfg.dedup_k, ccfg.dedup_threshold, ccfg, True, index.probes)
+    a, b, s = knn_edges(index, x, rows, ccfg.dedup_k, ccfg.dedup_threshold, ccfg, True, index.probes)
     times["search+rescore"] = time.perf_counter() - t - sum(times.values())
     roots = self_dedup(n, a, b, s, ccfg)
     times["components"] = time.perf_counter() - t - sum(times.values())
@@ -109,9 +108,10 @@ def dedup_stage(n, exact, cfg):
                removed_not_planted=int((removed & ~copies).sum()), pairs_above_06=len(a))
     if not exact:  # how much PQ scores overstate similarity, on one batch of queries (why we rescore)
         q = np.ascontiguousarray(x[:ccfg.query_batch])
-        D, _ = index.index.search(q, ccfg.dedup_k + 1)
-        _, _, s_exact = knn_edges(index, x, inv_norm, x, np.arange(len(q)), ccfg.dedup_k, 0.6, ccfg, False)
-        out.update(pq_pairs_above_06=int((D > 0.6).sum()), exact_pairs_above_06=len(s_exact))
+        D, I = index.index.search(q, ccfg.dedup_k + 1)  # PQ scores [b,k+1], self-matches excluded below
+        _, _, s_exact = knn_edges(index, x, np.arange(len(q)), ccfg.dedup_k, 0.6, ccfg, skip_self=True)
+        pq_pairs = int(((D > 0.6) & (I != np.arange(len(q))[:, None])).sum())
+        out.update(pq_pairs_above_06=pq_pairs, exact_pairs_above_06=len(s_exact))
     return out
 
 
@@ -121,8 +121,9 @@ def kmeans_stage(cfg):
     centroids = kmeans(x, cfg.kmeans_k, CurateConfig(kmeans_iters=20))
     dt, cpu = time.perf_counter() - t, cpu_seconds() - cpu0
     sims = (x[:20000] @ centroids.T).max(axis=1)  # [20000] cosine to the nearest centroid
-    return dict(stage="kmeans", n=cfg.kmeans_n, k=cfg.kmeans_k, iters=20, seconds=round(dt, 1), cpu_seconds=round(cpu, 1),
-                peak_rss_gb=round(peak_gb(), 2), mean_cos_to_centroid=round(float(sims.mean()), 3))
+    return dict(stage="kmeans", n=cfg.kmeans_n, k=cfg.kmeans_k, iters=20, seconds=round(dt, 1),
+                cpu_seconds=round(cpu, 1), peak_rss_gb=round(peak_gb(), 2),
+                mean_cos_to_centroid=round(float(sims.mean()), 3))
 
 
 def main():

@@ -1,27 +1,28 @@
 """The LVD-142M data pipeline of DINOv2 (Sec. 3, App. A): embed, deduplicate, retrieve -- with faiss, at any scale.
 
-Uncurated pool + curated datasets -> embeddings of every image -> remove near-duplicates inside the pool ->
-remove pool images close to evaluation sets -> retrieve pool images close to each curated dataset ->
-curated list (id, source, dataset), stats.json at every step, montage.png of duplicate groups and neighbours.
+Uncurated pool + curated datasets -> an embedding of every image -> near-duplicates removed inside the pool ->
+pool images close to evaluation sets removed -> pool images close to each curated dataset retrieved ->
+curated.tsv (id, source, dataset), stats.json (every step), montage.png (duplicate groups, retrieved neighbours).
 
-Run (sources: an image folder, "fashion-mnist" / "fashion-mnist:test", or precomputed embeddings <name>.npy
-with optional <name>.ids.txt; all sub-commands share the CurateConfig fields as --field value):
-    python curate.py run --preset tiny --pool fashion-mnist --curated fashion-mnist:test --eval_sets ...
-    python curate.py embed --pool <folder> --checkpoint teacher_backbone.pth        # -> out/emb_<name>.npy
-    torchrun --nproc_per_node 8 curate.py embed ...      # each rank embeds a contiguous slice of the images
-    python curate.py dedup --pool emb.npy --eval_sets a.npy,b.npy                   # -> out/pool_status.npy
-    python curate.py retrieve --pool emb.npy --curated c.npy                        # -> out/curated.tsv
-    python bench_curate.py                               # 1M-embedding CPU benchmark (numbers in the README)
+Run (a source is an image folder, "fashion-mnist" / "fashion-mnist:test", or precomputed embeddings <name>.npy
+with an optional <name>.ids.txt; every sub-command takes the CurateConfig fields as --field value):
+    python curate.py run --preset tiny --pool fashion-mnist --curated fashion-mnist:test  # ~1 min on 2 CPU cores
+    python curate.py embed --pool <folder> --checkpoint teacher_backbone.pth    # -> out/curate/emb_<name>.npy
+    torchrun --nproc_per_node 8 curate.py embed ...  # each rank embeds a contiguous slice of the images
+    python curate.py dedup --pool emb.npy --eval_sets a.npy,b.npy               # -> out/curate/pool_status.npy
+    python curate.py retrieve --pool emb.npy --curated c.npy                    # -> out/curate/curated.tsv
+    python bench_curate.py                           # 1M-embedding CPU benchmark (numbers in the README)
 
 Paper -> code
-  Sec. 3, self-supervised embeddings of every image ......... embed (any backbone model.load_model reads)
-  App. A.2, cosine similarity ............................... L2-normalised rows, faiss inner product, rescore
-  Sec. 3 "Implementation details", faiss IVF-PQ on GPUs ..... train_index, fill_index, knn
-  App. A.3, self-deduplication (k=64, > 0.6, components) .... knn_edges, connected_components, self_dedup
-  App. A.3, relative deduplication (> 0.45, whole component)  relative_dedup
-  App. A.4, sample-based retrieval (k nearest per image) .... sample_retrieval
-  App. A.4, cluster-based retrieval (> 3 images, 10k, 1M) ... kmeans, assign, cluster_retrieval
-  Vo et al. 2024, hierarchical k-means + balanced sampling .. hierarchical_kmeans, balanced_split, hierarchical_sampling
+  Sec. 3, an embedding of every image ........................ embed (any backbone model.load_model reads)
+  App. A.2, cosine similarity ................................ rows normalised on read, faiss inner product
+  Sec. 3 "Implementation details", faiss IVF-PQ on GPUs ...... train_index, fill_index, knn, rescore
+  App. A.3, self-deduplication (k = 64, > 0.6, components) ... knn_edges, connected_components, self_dedup
+  App. A.3, relative deduplication (> 0.45, whole component) . relative_dedup
+  App. A.4, sample-based retrieval (k nearest per image) ..... sample_retrieval
+  App. A.4, cluster-based retrieval (> 3 images, 10k, 1M) .... kmeans, assign, cluster_retrieval
+  Vo et al. 2024, hierarchical k-means, balanced sampling .... hierarchical_kmeans, balanced_split,
+                                                               hierarchical_sampling
 
 Shape legend: N pool images, Q queries, D embedding width, k neighbours, C clusters.
 """
@@ -35,10 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
-from faiss.contrib import ivf_tools
 import numpy as np
 import torch
 import torch.distributed as dist
+from faiss.contrib import ivf_tools
 from PIL import Image, ImageDraw
 from torch.utils.data import Subset
 from tqdm import tqdm
@@ -53,80 +54,75 @@ from train import build_dataset, extract_features
 @dataclass
 class CurateConfig:
     # sources (comma-separated lists) and outputs
-    pool: str = ""  # uncurated source (Sec. 3: 1.2B web images)
-    curated: str = ""  # curated datasets to retrieve for (Sec. 3, Tab. 15: ImageNet-22k, Landmarks, ...)
-    eval_sets: str = ""  # evaluation sets to deduplicate against (App. A.3: train+test splits of the benchmarks)
+    pool: str = ""  # the uncurated source (Sec. 3: 1.2B web images)
+    curated: str = ""  # curated datasets to retrieve for (Tab. 15: ImageNet-22k, ImageNet-1k, Landmarks, ...)
+    eval_sets: str = ""  # evaluation sets to deduplicate against (App. A.3: train and test splits of benchmarks)
     out: str = "out/curate"  # output folder
     checkpoint: str = ""  # backbone for embeddings (paper: SSL ViT-H/16 on IN-22k); "pixels" = standardised pixels
     image_size: int = 224  # embedding input resolution, px
     batch_size: int = 256  # images per embedding forward
-    emb_dtype: str = "float16"  # stored embeddings: float16 halves disk (2.4 TB at 1.2B x 1024) or float32
-    embed_chunk: int = 65536  # images per extract_features call (bounds host memory)
     num_workers: int = 8  # DataLoader workers decoding images for the embedding
+    emb_dtype: str = "float16"  # stored embeddings; float16 halves the disk (2.4 TB at 1.2B x 1024)
+    embed_chunk: int = 65536  # images per extract_features call (bounds host memory)
     # deduplication (App. A.3)
-    dedup_k: int = 64  # nearest neighbours per pool image
+    dedup_k: int = 64  # nearest neighbours searched per pool image
     dedup_threshold: float = 0.6  # cosine above which two pool images are duplicates
-    relative_threshold: float = 0.45  # cosine above which a pool image is a duplicate of an evaluation image
+    relative_threshold: float = 0.45  # cosine above which a pool image duplicates an evaluation image
     # retrieval (App. A.4)
-    retrieval: str = "auto"  # auto | sample | cluster | hierarchical (auto: sample-based for large datasets)
-    sample_min_size: int = 1_000_000  # auto: datasets with at least this many images use sample-based retrieval
+    retrieval: str = "auto"  # auto | sample | cluster | hierarchical; auto: sample-based for large datasets
+    sample_min_size: int = 1_000_000  # auto: datasets of at least this many images use sample-based retrieval
     sample_k: int = 4  # pool neighbours per curated image (paper: 4; 32 for ImageNet-1k)
     images_per_cluster: int = 7_440  # pool images per k-means cluster: ~744M deduplicated / 100,000 clusters
     max_clusters: int = 100_000  # k-means clusters of the pool (paper: 100,000)
     cluster_min_count: int = 3  # a cluster is retrieved when it holds MORE than this many curated images
     cluster_take: int = 10_000  # M: pool images sampled from each retrieved cluster
-    dataset_cap: int = 1_000_000  # most images retrieved by clusters for one dataset
-    kmeans_iters: int = 20  # Lloyd iterations of every k-means
-    # hierarchical k-means + balanced sampling (Vo et al. 2024, 4 levels 10M/500k/50k/10k on 743M images)
+    dataset_cap: int = 1_000_000  # most images retrieved through clusters for one dataset
+    kmeans_iters: int = 20  # Lloyd iterations of the retrieval and hierarchical k-means
+    # hierarchical k-means + balanced sampling (Vo et al. 2024: 4 levels, 10M/500k/50k/10k clusters of 743M images)
     hkm_branching: str = "74,20,10,5"  # points per cluster at level 1, then centroids per cluster at each level
-    hkm_resample: str = "1,10,5,3"  # points per cluster kept in the resampling steps (<= 1: no resampling)
+    hkm_resample: str = "1,10,5,3"  # r closest points per cluster refit in the resampling steps (<= 1: none)
     hkm_resample_steps: int = 10  # resampling-clustering steps per level
     hkm_target: int = 142_000_000  # images to sample (LVD-142M's size, for comparison)
-    hkm_strategy: str = "c"  # leaf sampling: c = closest to the centroid, r = random
+    hkm_strategy: str = "c"  # inside a leaf cluster: c = closest to the centroid first, r = random
     # faiss (Sec. 3 "Implementation details")
     exact_max: int = 200_000  # pools up to this size use exact IndexFlatIP, larger ones IVF-PQ
-    ivf_lists: int = 0  # inverted lists; 0 = power of two nearest 4 sqrt(N) (4096 at 1M)
-    ivf_train_per_list: int = 64  # training points per inverted list for the coarse k-means
-    ivf_train_iters: int = 10  # Lloyd iterations of the coarse k-means
-    pq_m: int = 32  # PQ sub-quantizers (bytes per code at 8 bits)
+    ivf_lists: int = 0  # inverted lists; 0 = the power of two nearest 4 sqrt(N) (4096 at 1M)
+    ivf_train_per_list: int = 64  # coarse k-means training points per list (16 lost 3% of duplicates at 1M)
+    ivf_train_iters: int = 10  # Lloyd iterations of the coarse k-means (5 lost 1%)
+    pq_m: int = 32  # PQ sub-quantizers = bytes per code at 8 bits
     pq_bits: int = 8  # bits per sub-quantizer code
     nprobe: int = 16  # inverted lists visited per query
-    refine: int = 10  # retrieval with PQ re-ranks refine x k candidates exactly (4: 84%, 10: 99% of true 4-NN)
+    refine: int = 10  # PQ retrieval re-ranks refine x k candidates exactly (4: 84%, 10: 99% of the true 4-NN)
     query_batch: int = 16384  # queries per search call (bounds memory: query_batch x k candidates)
-    gpu: bool = True  # use faiss GPU indexes and k-means when faiss has GPUs
+    gpu: bool = True  # faiss GPU indexes and k-means when faiss sees GPUs
     seed: int = 0
     montage_rows: int = 6  # duplicate groups and retrieval examples drawn in montage.png
 
 
-PRESETS = {  # tiny: Fashion-MNIST-sized pools on a laptop CPU, no trained model needed. Pixel correlations are
-    # not copy-detection embeddings (half of Fashion-MNIST has a neighbour above 0.9), hence the 0.95 thresholds.
+PRESETS = {  # tiny: Fashion-MNIST-sized pools on a laptop CPU without a trained model. Pixel correlations are
+    # not copy-detection embeddings (half of Fashion-MNIST has a neighbour above 0.9), hence the high thresholds.
     "tiny": dict(checkpoint="pixels", image_size=28, batch_size=512, num_workers=0, images_per_cluster=1000,
                  cluster_take=200, dataset_cap=5000, hkm_branching="20,10", hkm_resample="1,4",
-                 hkm_resample_steps=3, hkm_target=5000, dedup_threshold=0.95, relative_threshold=0.95),
+                 hkm_resample_steps=3, hkm_target=5000, dedup_threshold=0.99, relative_threshold=0.97),
 }
 COMMANDS = ("embed", "dedup", "retrieve", "run")
 
 
 def parse_config(argv):
     """`<command> [--preset name] [--field value ...]` -> (command, CurateConfig); unknown fields are an error."""
-    if not argv or argv[0] not in COMMANDS:
+    if not argv or argv[0] not in COMMANDS or len(argv) % 2 == 0:
         sys.exit(f"usage: python curate.py {{{'|'.join(COMMANDS)}}} [--preset tiny] [--field value ...]")
-    cmd, args, values = argv[0], argv[1:], {}
-    if len(args) % 2:
-        sys.exit(f"expected --field value pairs, got {args}")
-    fields = {f.name: f for f in dataclasses.fields(CurateConfig)}
-    for key, value in zip(args[::2], args[1::2]):
+    fields, values = {f.name: f for f in dataclasses.fields(CurateConfig)}, {}
+    for key, value in zip(argv[1::2], argv[2::2]):
         key = key.removeprefix("--")
-        if key == "preset":
-            if value not in PRESETS:
-                sys.exit(f"unknown preset {value}; presets: {', '.join(PRESETS)}")
-            values = {**PRESETS[value], **values}
+        if key == "preset" and value in PRESETS:
+            values = {**PRESETS[value], **values}  # explicit fields win, wherever they stand
         elif key not in fields:
-            sys.exit(f"unknown config field --{key}; fields: {', '.join(fields)}")
+            sys.exit(f"unknown --{key} {value}; presets: {', '.join(PRESETS)}; fields: {', '.join(fields)}")
         else:
             kind = type(fields[key].default)
             values[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-    return cmd, CurateConfig(**values)
+    return argv[0], CurateConfig(**values)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -156,9 +152,9 @@ def use_gpu(cfg):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Sources and embeddings (Sec. 3: "we first compute an image embedding" for every image)
+# Sources and embeddings (Sec. 3: "we first compute an image embedding")
 # ---------------------------------------------------------------------------------------------------------------
-Source = namedtuple("Source", "name x ids_path dataset")  # x: [N,D] memmap; dataset gives images for the montage
+Source = namedtuple("Source", "name x ids_path dataset")  # x: [N,D] memmap; dataset: images for the montage
 
 
 class PixelEmbedder(torch.nn.Module):
@@ -174,7 +170,8 @@ class PixelEmbedder(torch.nn.Module):
 
 
 def source_name(spec):
-    return Path(spec.replace(":", "-")).stem if spec.endswith(".npy") else Path(spec.replace(":", "-")).name
+    path = Path(spec.replace(":", "-"))
+    return path.stem if spec.endswith(".npy") else path.name
 
 
 def open_dataset(spec):
@@ -198,8 +195,9 @@ def embed(spec, cfg, path):
     if rank == 0:
         np.lib.format.open_memmap(path, mode="w+", dtype=cfg.emb_dtype, shape=(n, backbone.embed_dim))
         paths = getattr(dataset, "paths", None)  # ImageFolder ids are file paths; others are "<name>:<row>"
-        Path(path).with_suffix(".ids.txt").write_text(
-            "".join(f"{paths[i] if paths else f'{source_name(spec)}:{i}'}\n" for i in range(n)))
+        with open(Path(path).with_suffix(".ids.txt"), "w") as f:
+            for i in range(n):
+                f.write(f"{paths[i] if paths else f'{source_name(spec)}:{i}'}\n")
     barrier()
     emb = np.load(path, mmap_mode="r+")
     lo, hi = n * rank // world, n * (rank + 1) // world
@@ -212,15 +210,14 @@ def embed(spec, cfg, path):
     barrier()
 
 
-def load_source(spec, cfg, embed_missing=True):
-    """A source spec -> Source; image sources are embedded into out/emb_<name>.npy on first use."""
-    name = source_name(spec)
-    dataset = None
-    if spec.endswith(".npy"):
-        path = Path(spec)
-    else:
-        path = Path(cfg.out) / f"emb_{name}.npy"
-        if not path.exists() and embed_missing:
+def load_source(spec, cfg):
+    """A source spec -> Source; image sources are embedded into <out>/emb_<name>.npy on first use."""
+    name, dataset = source_name(spec), None
+    path = Path(spec) if spec.endswith(".npy") else Path(cfg.out) / f"emb_{name}.npy"
+    if not spec.endswith(".npy"):
+        missing = not path.exists()
+        barrier()  # every rank has looked before rank 0 creates the file
+        if missing:
             embed(spec, cfg, str(path))
         dataset = open_dataset(spec)
     ids_path = path.with_suffix(".ids.txt")
@@ -228,7 +225,7 @@ def load_source(spec, cfg, embed_missing=True):
 
 
 def read_ids(src, rows=None):
-    """Ids of the given rows (all rows when None), in their order, read in one pass over the ids file."""
+    """Ids of the given rows (all when None), in their order, read in one pass over the ids file."""
     if src.ids_path is None:
         return [f"{src.name}:{r}" for r in (range(len(src.x)) if rows is None else rows)]
     with open(src.ids_path) as f:
@@ -242,40 +239,30 @@ def read_ids(src, rows=None):
 
 
 def rows_f32(x, idx):
-    """float32 L2-normalised copy of x[idx]; normalising on read makes unnormalised precomputed embeddings safe."""
+    """float32 L2-normalised copy of x[idx]: normalising on read makes unnormalised precomputed embeddings safe."""
     v = np.asarray(x[idx], dtype=np.float32)
     return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
 
 
-def inverse_norms(x, batch=1 << 16):
-    """1/||x_i|| for every row [N], streamed: rescoring multiplies by it instead of re-normalising candidates."""
-    out = np.empty(len(x), np.float32)
-    for s in range(0, len(x), batch):
-        out[s:s + batch] = 1.0 / np.maximum(np.linalg.norm(np.asarray(x[s:s + batch], np.float32), axis=1), 1e-12)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# faiss: indexes, k-NN search with exact rescoring, k-means (Sec. 3 "Implementation details")
+# faiss: k-means, indexes, k-NN search with exact rescoring (Sec. 3 "Implementation details")
 # ---------------------------------------------------------------------------------------------------------------
-Knn = namedtuple("Knn", "index rows exact probes", defaults=(None,))  # faiss index over x[rows]; exact: flat
-
-
-def ivf_lists_for(n):
-    return int(2 ** round(np.log2(4 * np.sqrt(n))))  # faiss rule of thumb 4 sqrt(N): 4096 lists at 1M
+# A filled index over x[rows]: results map back to rows of x; exact = CPU flat index (scores need no rescoring);
+# inv_norm [N] = 1 / |x_i| for the rescoring; probes = the rows' (coarse cosines, nearest lists) [n,nprobe].
+Knn = namedtuple("Knn", "index rows exact x inv_norm probes")
 
 
 def kmeans(v, k, cfg, niter=None, plusplus=False):
-    """Spherical k-means (cosine) of float32 rows v [n,D] -> centroids [C,D]; faiss samples 256 points per centroid.
-    Seeds: k random points (faiss), or k-means++ (Arthur & Vassilvitskii 2007: each seed drawn with probability
-    proportional to its squared distance to the seeds so far; O(n k D), used on small inputs)."""
+    """Spherical k-means (cosine) of rows v [n,D] -> centroids [C,D]; faiss trains on <= 256 points per centroid.
+    Seeds: k random points (faiss), or k-means++ (Arthur & Vassilvitskii 2007: each next seed drawn with
+    probability proportional to its squared distance to the seeds so far; O(n k D): small inputs only)."""
     v = np.ascontiguousarray(v, dtype=np.float32)
     km = faiss.Kmeans(v.shape[1], k, niter=niter or cfg.kmeans_iters, seed=cfg.seed, spherical=True,
                       gpu=use_gpu(cfg), min_points_per_centroid=1, max_points_per_centroid=256)
     seeds = None
     if plusplus:
         rng, seeds = np.random.default_rng(cfg.seed), [0]
-        d2 = np.maximum(2 - 2 * v @ v[0], 0)  # [n] squared distance of unit vectors to the nearest seed
+        d2 = np.maximum(2 - 2 * v @ v[0], 0)  # [n] squared distance (unit rows) to the nearest seed
         for _ in range(k - 1):
             seeds.append(rng.choice(len(v), p=d2 / d2.sum()) if d2.sum() > 0 else rng.integers(len(v)))
             d2 = np.minimum(d2, np.maximum(2 - 2 * v @ v[seeds[-1]], 0))
@@ -283,70 +270,86 @@ def kmeans(v, k, cfg, niter=None, plusplus=False):
     return km.centroids
 
 
+def assign(x, rows, centroids, cfg):
+    """Nearest centroid (cosine) of every x[rows] -> (cluster ids [n], cosine to it [n]), batched."""
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index = faiss.index_cpu_to_all_gpus(index) if use_gpu(cfg) else index
+    index.add(centroids)
+    labels, sims, b = np.empty(len(rows), np.int64), np.empty(len(rows), np.float32), cfg.query_batch
+    for s in tqdm(range(0, len(rows), b), desc="assign", leave=False, disable=len(rows) <= b):
+        D, I = index.search(rows_f32(x, rows[s:s + b]), 1)  # [b,1]
+        labels[s:s + b], sims[s:s + b] = I[:, 0], D[:, 0]
+    return labels, sims
+
+
 def train_index(x, rows, cfg):
     """Empty trained index for x[rows]: exact IndexFlatIP for small pools, IVF-PQ (as in the paper) for large."""
     d = x.shape[1]
     if len(rows) <= cfg.exact_max:
-        return Knn(faiss.IndexFlatIP(d), None, True)
-    nlist = cfg.ivf_lists or ivf_lists_for(len(rows))
+        return faiss.IndexFlatIP(d)
+    nlist = cfg.ivf_lists or int(2 ** round(np.log2(4 * np.sqrt(len(rows)))))
     rng = np.random.default_rng(cfg.seed)
     sample = rows_f32(x, np.sort(rng.choice(rows, min(len(rows), nlist * cfg.ivf_train_per_list), replace=False)))
     quantizer = faiss.IndexFlatIP(d)
-    quantizer.add(kmeans(sample, nlist, cfg, cfg.ivf_train_iters))  # with nlist centroids, IVF trains only PQ
+    quantizer.add(kmeans(sample, nlist, cfg, cfg.ivf_train_iters))  # holding nlist centroids: IVF trains PQ only
     index = faiss.IndexIVFPQ(quantizer, d, nlist, cfg.pq_m, cfg.pq_bits, faiss.METRIC_INNER_PRODUCT)
-    index.pq.cp.min_points_per_centroid = 1  # small pools: no faiss warnings, codebooks from what there is
-    index.train(sample[:64 * (1 << cfg.pq_bits)])  # PQ codebooks on residuals, 64 points per code
-    return Knn(index, None, False)
+    index.pq.cp.min_points_per_centroid = 1  # small pools: codebooks from what there is, no warnings
+    index.train(sample[:64 << cfg.pq_bits])  # PQ codebooks on the residuals, 64 points per code
+    return index
 
 
 def fill_index(template, x, rows, cfg, keep_probes=False):
-    """Copy of a trained (empty) index holding x[rows], on the GPUs when present; results map back to rows.
-    keep_probes (IVF on CPU): keep each vector's nprobe nearest lists, so that searching the pool with itself
-    (self-deduplication) reuses them instead of running the coarse quantizer a second time (~15% of the work)."""
-    index = faiss.clone_index(template.index)
-    keep_probes = keep_probes and not template.exact and not use_gpu(cfg)
-    Dq, Iq = (np.empty((len(rows), cfg.nprobe), t) for t in (np.float32, np.int64)) if keep_probes else (None, None)
-    if not template.exact:
+    """A copy of a trained empty index holding x[rows], sharded over the GPUs when present -> Knn.
+    keep_probes (IVF on CPU): keep each row's nprobe nearest lists, so that searching the pool with itself
+    (self-deduplication) reuses them instead of running the coarse quantizer a second time."""
+    rows, ivf = np.asarray(rows), not isinstance(template, faiss.IndexFlat)
+    index = faiss.clone_index(template)
+    keep_probes = keep_probes and ivf and not use_gpu(cfg)
+    Dq, Iq = (np.empty((len(rows), cfg.nprobe), t) for t in (np.float32, np.int64))
+    inv_norm = np.zeros(len(x), np.float32)
+    if ivf:
         index.nprobe = cfg.nprobe
     if use_gpu(cfg):
         co = faiss.GpuMultipleClonerOptions()
-        co.shard, co.useFloat16 = True, True  # split the database over the GPUs (Sec. 3: 8 V100 per node)
+        co.shard, co.useFloat16 = True, True  # the database split over the GPUs (Sec. 3: 8 V100 per node)
         index = faiss.index_cpu_to_all_gpus(index, co)
-        if not template.exact:
+        if ivf:
             faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", cfg.nprobe)
     b = cfg.query_batch
     for s in tqdm(range(0, len(rows), b), desc="index add", leave=False, disable=len(rows) <= b):
-        v = rows_f32(x, rows[s:s + b])  # [b,D]
+        v = np.asarray(x[rows[s:s + b]], dtype=np.float32)  # [b,D]
+        inv_norm[rows[s:s + b]] = 1 / np.maximum(np.linalg.norm(v, axis=1), 1e-12)
+        v *= inv_norm[rows[s:s + b], None]
         if keep_probes:
             Dq[s:s + b], Iq[s:s + b] = index.quantizer.search(v, cfg.nprobe)  # [b,nprobe] nearest lists
             ivf_tools.add_preassigned(index, v, np.ascontiguousarray(Iq[s:s + b, 0]))
         else:
             index.add(v)
-    exact = template.exact and not use_gpu(cfg)  # GPU flat indexes store float16: rescore their results too
-    return Knn(index, np.asarray(rows), exact, (Dq, Iq) if keep_probes else None)
+    exact = not ivf and not use_gpu(cfg)  # GPU flat indexes hold float16: their scores are rescored too
+    return Knn(index, rows, exact, x, inv_norm, (Dq, Iq) if keep_probes else None)
 
 
-def rescore(x, inv_norm, q, I, chunk=1024):
-    """Exact cosine of queries q [Q,D] with candidates x[I] [Q,k]: PQ scores overstate similarity (43% more pairs
-    above 0.6 than exact on 1M clustered vectors), so no threshold is ever applied to them. -inf where I < 0.
-    Chunks run in threads (numpy releases the GIL in gathers and matmuls): this step is memory-bound."""
+def rescore(knn_index, q, I, chunk=1024):
+    """Exact cosine of queries q [Q,D] with their candidates x[I] [Q,k] (-inf where I < 0). PQ scores are off by
+    ~0.1 either way (bench_curate.py), so no threshold or ranking ever uses them. Memory-bound: chunks run in
+    threads (numpy releases the GIL in gathers and matmuls)."""
     S = np.empty(I.shape, np.float32)
 
     def score(s):
         valid = I[s:s + chunk] >= 0
         rows = np.where(valid, I[s:s + chunk], 0)
-        cand = np.asarray(x[rows], dtype=np.float32)  # [q,k,D]
-        dots = np.matmul(cand, q[s:s + chunk, :, None])[..., 0] * inv_norm[rows]  # [q,k,D] @ [q,D,1] -> [q,k]
-        S[s:s + chunk] = np.where(valid, dots, -np.inf)
+        cand = np.asarray(knn_index.x[rows], dtype=np.float32)  # [q,k,D]
+        dots = np.matmul(cand, q[s:s + chunk, :, None])[..., 0]  # [q,k,D] @ [q,D,1] -> [q,k]
+        S[s:s + chunk] = np.where(valid, dots * knn_index.inv_norm[rows], -np.inf)
 
     with ThreadPoolExecutor(faiss.omp_get_max_threads()) as pool:
         list(pool.map(score, range(0, len(I), chunk)))
     return S
 
 
-def knn(knn_index, x, inv_norm, q, qrows, k, cfg, probes=None):
+def knn(knn_index, q, qrows, k, cfg, probes=None):
     """Yield (query rows, neighbour rows of x [b,k], exact cosine [b,k]) per batch of queries q[qrows].
-    probes: the queries' precomputed (coarse cosines, lists) [Q,nprobe] from fill_index(keep_probes=True)."""
+    probes: the queries' (coarse cosines, lists) [Q,nprobe] when known (fill_index keep_probes)."""
     b = cfg.query_batch
     for s in tqdm(range(0, len(qrows), b), desc=f"search k={k}", leave=False, disable=len(qrows) <= b):
         qb = rows_f32(q, qrows[s:s + b])  # [b,D]
@@ -355,30 +358,16 @@ def knn(knn_index, x, inv_norm, q, qrows, k, cfg, probes=None):
         else:
             D, I = ivf_tools.search_preassigned(knn_index.index, qb, k, probes[1][s:s + b], probes[0][s:s + b])
         I = np.where(I >= 0, knn_index.rows[np.maximum(I, 0)], -1)
-        yield qrows[s:s + b], I, (np.where(I >= 0, D, -np.inf) if knn_index.exact else rescore(x, inv_norm, qb, I))
+        yield qrows[s:s + b], I, (np.where(I >= 0, D, -np.inf) if knn_index.exact else rescore(knn_index, qb, I))
 
 
-def knn_edges(knn_index, x, inv_norm, q, qrows, k, threshold, cfg, skip_self, probes=None):
+def knn_edges(knn_index, q, qrows, k, threshold, cfg, skip_self=False, probes=None):
     """Pairs (query row, pool row, exact cosine) among each query's k nearest with cosine > threshold."""
     a, b, s = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
-    for qr, I, S in knn(knn_index, x, inv_norm, q, qrows, k + int(skip_self), cfg, probes):
-        hit = (S > threshold) & ((I != qr[:, None]) if skip_self else True)
-        r, c = np.nonzero(hit)
+    for qr, I, S in knn(knn_index, q, qrows, k + int(skip_self), cfg, probes):
+        r, c = np.nonzero((S > threshold) & ((I != qr[:, None]) if skip_self else True))
         a.append(qr[r]), b.append(I[r, c]), s.append(S[r, c])
     return np.concatenate(a), np.concatenate(b), np.concatenate(s)
-
-
-def assign(x, rows, centroids, cfg):
-    """Nearest centroid (cosine) of every x[rows] -> (cluster ids [n], cosine to it [n]), batched."""
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index = faiss.index_cpu_to_all_gpus(index) if use_gpu(cfg) else index
-    index.add(centroids)
-    labels, sims = np.empty(len(rows), np.int64), np.empty(len(rows), np.float32)
-    b = cfg.query_batch
-    for s in tqdm(range(0, len(rows), b), desc="assign", leave=False, disable=len(rows) <= b):
-        D, I = index.search(rows_f32(x, rows[s:s + b]), 1)
-        labels[s:s + b], sims[s:s + b] = I[:, 0], D[:, 0]
-    return labels, sims
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -388,16 +377,16 @@ def connected_components(n, a, b):
     """Disjoint sets over n nodes joined by edges (a, b) -> root of each node = smallest index of its component.
 
     Vectorised union-find (hook larger roots under smaller ones, then pointer jumping): a few numpy passes over
-    the edge list instead of a Python loop per edge, so it scales to billions of edges (App. A.3 "scalable
+    the edge list instead of a Python step per edge, so it scales to billions of edges (App. A.3 "scalable
     disjoint set data structure")."""
     parent = np.arange(n)
     a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
     while len(a):
         ra, rb = parent[a], parent[b]  # roots (parent is fully compressed here)
         lo, hi = np.minimum(ra, rb), np.maximum(ra, rb)
-        live = lo != hi  # edges inside one component stay inside it: drop them for good
+        live = lo != hi  # an edge inside one component stays inside it: dropped for good
         a, b, lo, hi = a[live], b[live], lo[live], hi[live]
-        np.minimum.at(parent, hi, lo)  # hook: parent[x] <= x always, so no cycles
+        np.minimum.at(parent, hi, lo)  # hook; parent[i] <= i always, so no cycles
         while True:  # pointer jumping until every node points at its root
             grand = parent[parent]
             if np.array_equal(grand, parent):
@@ -407,16 +396,14 @@ def connected_components(n, a, b):
 
 
 def self_dedup(n, a, b, s, cfg):
-    """Components of the graph of pairs with cosine > 0.6 (App. A.3) -> roots [n]; the root (smallest index) is
-    the one image kept per component."""
-    strong = s > cfg.dedup_threshold
-    return connected_components(n, a[strong], b[strong])
+    """Components of the pairs with cosine > 0.6 -> roots [n]; a root (smallest index) is the image kept."""
+    return connected_components(n, a[s > cfg.dedup_threshold], b[s > cfg.dedup_threshold])
 
 
 def relative_dedup(keep, a, b, s, touched, cfg):
     """Drop every kept pool image whose component (pool pairs > 0.45 among kept images) holds a `touched` image,
-    i.e. one within 0.45 of an evaluation image: "identifying the duplicate components ... and discarding it
-    entirely" (App. A.3). Returns the new keep mask."""
+    one within 0.45 of an evaluation image: "identifying the duplicate components ... and discarding it
+    entirely" (App. A.3). -> the new keep mask."""
     link = (s > cfg.relative_threshold) & keep[a] & keep[b]
     roots = connected_components(len(keep), a[link], b[link])
     bad = np.zeros(len(keep), bool)
@@ -425,59 +412,52 @@ def relative_dedup(keep, a, b, s, touched, cfg):
 
 
 def dedup(pool, evals, cfg, stats):
-    """Self- then relative deduplication of the pool -> (status int8 [N]: 0 kept, 1 self-, 2 relative-duplicate,
-    self-dedup roots [N], trained index template)."""
-    n = len(pool.x)
-    rows, inv_norm = np.arange(n), inverse_norms(pool.x)
+    """Self- then relative deduplication -> (status int8 [N]: 0 kept, 1 self-, 2 relative-duplicate; self-dedup
+    roots [N]; the trained empty index, reused for retrieval)."""
+    n, rows = len(pool.x), np.arange(len(pool.x))
     template = train_index(pool.x, rows, cfg)
     index = fill_index(template, pool.x, rows, cfg, keep_probes=True)
-    # One pool search serves both steps: keep every pair above the lower of the two thresholds.
+    # One search of the pool serves both steps: keep every pair above the lower threshold.
     low = min(cfg.dedup_threshold, cfg.relative_threshold) if evals else cfg.dedup_threshold
-    a, b, s = knn_edges(index, pool.x, inv_norm, pool.x, rows, cfg.dedup_k, low, cfg, True, index.probes)
+    a, b, s = knn_edges(index, pool.x, rows, cfg.dedup_k, low, cfg, skip_self=True, probes=index.probes)
     roots = self_dedup(n, a, b, s, cfg)
     keep = roots == rows
-    status = np.where(keep, 0, 1).astype(np.int8)
-    sizes = np.bincount(roots, minlength=n)
-    stats["self_dedup"] = dict(pool=n, index="flat" if template.exact else "ivfpq",
+    status, sizes = np.where(keep, 0, 1).astype(np.int8), np.bincount(roots, minlength=n)
+    stats["self_dedup"] = dict(pool=n, index="flat" if isinstance(template, faiss.IndexFlat) else "ivfpq",
                                pairs=int((s > cfg.dedup_threshold).sum()), removed=int(n - keep.sum()),
                                kept=int(keep.sum()), groups=int((sizes > 1).sum()), largest_group=int(sizes.max()))
     for ev in evals:
-        _, tb, _ = knn_edges(index, pool.x, inv_norm, ev.x, np.arange(len(ev.x)), cfg.dedup_k,
-                             cfg.relative_threshold, cfg, skip_self=False)
+        _, touched, _ = knn_edges(index, ev.x, np.arange(len(ev.x)), cfg.dedup_k, cfg.relative_threshold, cfg)
         before = keep.sum()
-        keep = relative_dedup(keep, a, b, s, roots[tb], cfg)  # a removed duplicate stands for its kept root
+        keep = relative_dedup(keep, a, b, s, roots[touched], cfg)  # a removed duplicate stands for its root
         status[(status == 0) & ~keep] = 2
         stats.setdefault("relative_dedup", {})[ev.name] = dict(
-            eval_images=len(ev.x), touched=len(np.unique(tb)), removed=int(before - keep.sum()), kept=int(keep.sum()))
-    del index
+            eval_images=len(ev.x), touched=len(np.unique(touched)), removed=int(before - keep.sum()),
+            kept=int(keep.sum()))
     return status, roots, template
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Retrieval (App. A.4) and hierarchical k-means sampling (Vo et al. 2024)
+# Retrieval (App. A.4) and hierarchical k-means with balanced sampling (Vo et al. 2024)
 # ---------------------------------------------------------------------------------------------------------------
-def sample_retrieval(knn_index, x, inv_norm, q, cfg):
+def sample_retrieval(knn_index, q, cfg):
     """The sample_k nearest pool images of every query, de-duplicated across queries -> (pool rows, stats).
-    With PQ, refine x k candidates are re-ranked by exact cosine so the k returned are the true top k."""
+    With PQ, refine x k candidates are re-ranked by exact cosine, so the k kept are (nearly) the true top k."""
     k, hits = cfg.sample_k, []
-    fetch = k if knn_index.exact else k * cfg.refine
-    for _, I, S in knn(knn_index, x, inv_norm, q, np.arange(len(q)), fetch, cfg):
+    for _, I, S in knn(knn_index, q, np.arange(len(q)), k if knn_index.exact else k * cfg.refine, cfg):
         top = np.argsort(-S, axis=1, kind="stable")[:, :k]  # [b,k] by exact cosine
         hits.append(np.take_along_axis(I, top, 1))
     hits = np.concatenate(hits).ravel()
-    rows = np.unique(hits[hits >= 0])
-    found = int((hits >= 0).sum())
+    rows, found = np.unique(hits[hits >= 0]), int((hits >= 0).sum())
     return rows, dict(method="sample", queries=len(q), k=k, retrieved=len(rows), collisions=found - len(rows))
 
 
 def cluster_retrieval(pool_labels, query_labels, n_clusters, cfg, rng):
-    """Clusters holding more than cluster_min_count query images give up to cluster_take random pool images each,
-    at most dataset_cap per dataset -> (positions into pool_labels, stats)."""
-    counts = np.bincount(query_labels, minlength=n_clusters)  # [C]
-    eligible = counts > cfg.cluster_min_count
+    """Clusters holding more than cluster_min_count query images give up to cluster_take random pool images
+    each, at most dataset_cap in all -> (positions into pool_labels, stats)."""
+    eligible = np.bincount(query_labels, minlength=n_clusters) > cfg.cluster_min_count  # [C]
     order = np.lexsort((rng.random(len(pool_labels)), pool_labels))  # grouped by cluster, random inside
-    first = np.searchsorted(pool_labels[order], np.arange(n_clusters))  # [C] start of each cluster in `order`
-    rank = np.arange(len(order)) - first[pool_labels[order]]
+    rank = np.arange(len(order)) - np.searchsorted(pool_labels[order], pool_labels[order])  # place in cluster
     take = order[eligible[pool_labels[order]] & (rank < cfg.cluster_take)]
     capped = len(take) > cfg.dataset_cap
     if capped:
@@ -487,20 +467,20 @@ def cluster_retrieval(pool_labels, query_labels, n_clusters, cfg, rng):
 
 
 def hierarchical_kmeans(v, cfg):
-    """Vo et al. 2024: level 1 clusters the points, level l > 1 clusters the centroids of level l-1; each level
-    refits its centroids on the r points closest to each of them (resampling), which spreads the centroids
-    uniformly over the data. -> (assignments per level, cosine of each point to its level-1 centroid)."""
+    """Vo et al. 2024: level 1 clusters the points, level l > 1 the centroids of level l - 1. Resampling steps
+    refit each level's centroids on the r points closest to each of them, which moves the centroids towards a
+    uniform cover of the data. -> (assignment per level, cosine of each point to its level-1 centroid)."""
     branching = [int(t) for t in cfg.hkm_branching.split(",")]
     resample = [int(t) for t in cfg.hkm_resample.split(",")]
     pts, assigns, leaf_sim = v, [], None
     for level, (per_cluster, r) in enumerate(zip(branching, resample)):
         k = max(1, len(pts) // per_cluster)
-        plusplus = level > 0  # k-means++ seeds as Vo et al., on the (small) centroid levels only
+        plusplus = level > 0  # k-means++ seeds like Vo et al., on the (small) centroid levels
         centroids = kmeans(pts, k, cfg, plusplus=plusplus)
         labels, sims = assign(pts, np.arange(len(pts)), centroids, cfg)
         for _ in range(cfg.hkm_resample_steps if r > 1 else 0):
             order = np.lexsort((-sims, labels))  # by cluster, closest first
-            rank = np.arange(len(order)) - np.searchsorted(labels[order], labels[order])  # position in cluster
+            rank = np.arange(len(order)) - np.searchsorted(labels[order], labels[order])  # place in cluster
             if (rank < r).sum() < k:  # empty clusters left too few points to refit k centroids
                 break
             centroids = kmeans(pts[order[rank < r]], k, cfg, plusplus=plusplus)
@@ -513,7 +493,7 @@ def hierarchical_kmeans(v, cfg):
 
 def balanced_split(sizes, target, rng):
     """Samples per cluster: the same t from every cluster (all of the smaller ones), t the largest value with
-    sum(min(size, t)) <= target, then one more from randomly chosen larger clusters to hit the target exactly."""
+    sum(min(size, t)) <= target, then one more from randomly chosen larger clusters to reach the target."""
     sizes = np.asarray(sizes, np.int64)
     if sizes.sum() <= target:
         return sizes.copy()
@@ -522,19 +502,18 @@ def balanced_split(sizes, target, rng):
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if np.minimum(sizes, mid).sum() <= target else (lo, mid - 1)
     out = np.minimum(sizes, lo)
-    bigger = np.nonzero(sizes > lo)[0]
-    out[rng.choice(bigger, int(target - out.sum()), replace=False)] += 1
+    out[rng.choice(np.nonzero(sizes > lo)[0], int(target - out.sum()), replace=False)] += 1
     return out
 
 
 def hierarchical_sampling(assigns, leaf_sim, target, cfg, rng):
-    """Balanced sampling down the hierarchy: split the target evenly over the top clusters, each cluster's share
-    evenly over its children, ..., then pick points inside each leaf cluster -> point indices."""
-    point_labels = [assigns[0]]  # cluster of every point at each level
+    """Balanced sampling down the hierarchy: the target split evenly over the top clusters, each cluster's share
+    evenly over its children, ..., then points picked inside each leaf cluster -> sorted point indices."""
+    point_labels = [assigns[0]]  # the cluster of every point at each level
     for a in assigns[1:]:
         point_labels.append(a[point_labels[-1]])
     quota = balanced_split(np.bincount(point_labels[-1]), target, rng)  # [C_top]
-    for level in range(len(assigns) - 1, 0, -1):  # children at `level - 1`, parents at `level`
+    for level in range(len(assigns) - 1, 0, -1):  # parents at `level`, children at `level - 1`
         child_sizes = np.bincount(point_labels[level - 1], minlength=len(assigns[level]))
         child_quota = np.zeros(len(child_sizes), np.int64)
         by_parent = np.argsort(assigns[level], kind="stable")  # children grouped by parent
@@ -544,35 +523,33 @@ def hierarchical_sampling(assigns, leaf_sim, target, cfg, rng):
             child_quota[children] = balanced_split(child_sizes[children], quota[parent], rng)
         quota = child_quota
     labels = point_labels[0]
-    priority = -leaf_sim if cfg.hkm_strategy == "c" else rng.random(len(labels))
-    order = np.lexsort((priority, labels))
-    rank = np.arange(len(order)) - np.searchsorted(labels[order], labels[order])
+    order = np.lexsort((-leaf_sim if cfg.hkm_strategy == "c" else rng.random(len(labels)), labels))
+    rank = np.arange(len(order)) - np.searchsorted(labels[order], labels[order])  # place in leaf cluster
     return np.sort(order[rank < quota[labels[order]]])
 
 
 def retrieve(pool, status, curated, template, cfg, stats):
-    """Retrieve for every curated dataset from the kept pool -> list of (pool rows, source, dataset)."""
-    kept = np.nonzero(status == 0)[0]
-    rng, inv_norm, out = np.random.default_rng(cfg.seed), inverse_norms(pool.x), []
-    if cfg.retrieval == "hierarchical":
+    """Retrieval for every curated dataset from the kept pool -> [(pool rows, source, dataset name)]."""
+    kept, rng, out = np.nonzero(status == 0)[0], np.random.default_rng(cfg.seed), []
+    if cfg.retrieval == "hierarchical":  # Vo et al.: a balanced sample of the pool itself, no queries
         assigns, leaf_sim = hierarchical_kmeans(rows_f32(pool.x, kept), cfg)
         take = kept[hierarchical_sampling(assigns, leaf_sim, min(cfg.hkm_target, len(kept)), cfg, rng)]
-        stats["retrieval"] = {pool.name: dict(method="hierarchical", levels=[len(np.unique(a)) for a in assigns],
-                                              retrieved=len(take))}
+        stats["retrieval"] = {pool.name: dict(method="hierarchical", retrieved=len(take),
+                                              clusters_per_level=[int(a.max()) + 1 for a in assigns])}
         return [(take, "hkm-sampled", pool.name)]
     knn_index, pool_labels = None, None
     for src in curated:
         method = cfg.retrieval if cfg.retrieval != "auto" else (
             "sample" if len(src.x) >= cfg.sample_min_size else "cluster")
         if method == "sample":
-            if knn_index is None:  # the template trained on the whole pool serves its kept part as well
+            if knn_index is None:  # the index trained on the whole pool serves its kept part as well
                 knn_index = fill_index(template or train_index(pool.x, kept, cfg), pool.x, kept, cfg)
-            rows, st = sample_retrieval(knn_index, pool.x, inv_norm, src.x, cfg)
+            rows, st = sample_retrieval(knn_index, src.x, cfg)
         else:
-            if pool_labels is None:  # k-means sized to the pool (100,000 clusters for the paper's pool)
+            if pool_labels is None:  # k-means sized to the pool (100,000 clusters for the paper's)
                 n_clusters = int(np.clip(round(len(kept) / cfg.images_per_cluster), 1, cfg.max_clusters))
-                sample = rng.choice(kept, min(len(kept), 256 * n_clusters), replace=False)
-                centroids = kmeans(rows_f32(pool.x, np.sort(sample)), n_clusters, cfg)
+                sample = np.sort(rng.choice(kept, min(len(kept), 256 * n_clusters), replace=False))
+                centroids = kmeans(rows_f32(pool.x, sample), n_clusters, cfg)
                 pool_labels, _ = assign(pool.x, kept, centroids, cfg)
             query_labels, _ = assign(src.x, np.arange(len(src.x)), centroids, cfg)
             pos, st = cluster_retrieval(pool_labels, query_labels, n_clusters, cfg, rng)
@@ -587,43 +564,46 @@ def retrieve(pool, status, curated, template, cfg, stats):
 # Outputs: curated list, montage
 # ---------------------------------------------------------------------------------------------------------------
 def write_curated(path, curated, retrieved, pool):
-    """TSV id / source / dataset: curated images as-is, then retrieved pool images, each listed once."""
-    seen, counts = set(), {}
+    """TSV id / source / dataset: the curated images as they are, then retrieved pool images, each once."""
+    listed, counts = np.zeros(len(pool.x), bool), {}
     with open(path, "w") as f:
         f.write("id\tsource\tdataset\n")
         for src in curated:
-            for i in read_ids(src):
-                f.write(f"{i}\tcurated\t{src.name}\n")
+            f.writelines(f"{i}\tcurated\t{src.name}\n" for i in read_ids(src))
             counts["curated"] = counts.get("curated", 0) + len(src.x)
         for rows, source, name in retrieved:
-            new = [r for r in rows.tolist() if r not in seen]
-            seen.update(new)
-            for i in read_ids(pool, new):
-                f.write(f"{i}\t{source}\t{name}\n")
+            new = rows[~listed[rows]]  # retrieved for an earlier dataset: listed there
+            listed[new] = True
+            f.writelines(f"{i}\t{source}\t{name}\n" for i in read_ids(pool, new))
             counts[source] = counts.get(source, 0) + len(new)
     return counts
 
 
 def images_of(src, rows, size=64):
-    """PIL images of source rows: from its dataset, or from the ids when they are image paths; else Nones."""
-    if src.dataset is not None:
-        tensors = [src.dataset[int(r)][0] for r in rows]  # [3,H,W] in [0,1]
-        images = [Image.fromarray((t.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for t in tensors]
-    elif src.ids_path is not None:
-        images = [Image.open(p).convert("RGB") if os.path.isfile(p) else None for p in read_ids(src, rows)]
+    """PIL images of rows of a source: from its dataset, or from its ids when they are image paths."""
+    if src.dataset is not None:  # [3,H,W] in [0,1] -> PIL
+        images = [Image.fromarray(np.uint8(src.dataset[int(r)][0].permute(1, 2, 0).numpy() * 255)) for r in rows]
     else:
-        return [None] * len(rows)
-    return [im.resize((size, size)) if im is not None else None for im in images]
+        images = [Image.open(p).convert("RGB") for p in read_ids(src, rows) if os.path.isfile(p)]
+    return [im.resize((size, size)) for im in images]
 
 
-def montage(rows, path, size=64):
-    """rows: [(title, [PIL images])] -> one PNG, a title column then the images of each row."""
-    rows = [(t, [im for im in ims if im is not None]) for t, ims in rows]
-    rows = [(t, ims) for t, ims in rows if ims]
+def draw_examples(pool, roots, curated, retrieved, cfg, path, size=64):
+    """montage.png: the largest duplicate groups (kept image first), then images of the first curated dataset
+    with their nearest retrieved pool images. False when there are no images to draw."""
+    rows, sizes = [], np.bincount(roots) if roots is not None else np.zeros(1, np.int64)
+    for root in np.argsort(-sizes)[:cfg.montage_rows]:
+        if sizes[root] > 1:
+            rows.append((f"dup group of {sizes[root]}", images_of(pool, np.nonzero(roots == root)[0][:10])))
+    for src, (got, source, _) in list(zip(curated, retrieved))[:1]:
+        if source.endswith("-retrieved") and len(got):
+            index = fill_index(faiss.IndexFlatIP(pool.x.shape[1]), pool.x, got, cfg)
+            for q, I, _ in knn(index, src.x, np.arange(min(cfg.montage_rows, len(src.x))), cfg.sample_k, cfg):
+                rows += [(f"query {i} -> {source}", images_of(src, [i]) + images_of(pool, r)) for i, r in zip(q, I)]
+    rows = [(title, ims) for title, ims in rows if ims]
     if not rows:
         return False
-    width = 160 + size * max(len(ims) for _, ims in rows)
-    canvas = Image.new("RGB", (width, size * len(rows)), "white")
+    canvas = Image.new("RGB", (160 + size * max(len(ims) for _, ims in rows), size * len(rows)), "white")
     draw = ImageDraw.Draw(canvas)
     for r, (title, ims) in enumerate(rows):
         draw.text((4, r * size + 4), title, fill="black")
@@ -633,60 +613,46 @@ def montage(rows, path, size=64):
     return True
 
 
-def draw_examples(pool, roots, curated, retrieved, cfg, path):
-    """Largest duplicate groups (kept image first) and a few queries with their sample-retrieved neighbours."""
-    sizes = np.bincount(roots)
-    rows = []
-    for root in np.argsort(-sizes)[:cfg.montage_rows]:
-        if sizes[root] > 1:
-            members = np.nonzero(roots == root)[0][:10]
-            rows.append((f"dup group of {sizes[root]}", images_of(pool, members)))
-    if curated and any(s == "sample-retrieved" for _, s, _ in retrieved):
-        src, inv_norm = curated[0], inverse_norms(pool.x)
-        index = fill_index(Knn(faiss.IndexFlatIP(pool.x.shape[1]), None, True), pool.x,
-                           np.concatenate([r for r, _, _ in retrieved]), cfg)
-        for q, I, _ in knn(index, pool.x, inv_norm, src.x, np.arange(min(cfg.montage_rows, len(src.x))),
-                           cfg.sample_k, cfg):
-            for qi, row in zip(q, I):
-                rows.append((f"{src.name}:{qi} -> pool", images_of(src, [qi]) + images_of(pool, row[row >= 0])))
-    return montage(rows, path)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------------------
-def specs(s):
-    return [t for t in s.split(",") if t]
+def run(cmd, cfg):
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stats_path, status_path, roots_path = out / "stats.json", out / "pool_status.npy", out / "pool_roots.npy"
+    stats = json.loads(stats_path.read_text()) if stats_path.exists() and cmd != "run" else {}
+    if not cfg.pool:
+        sys.exit("--pool is required")
+    pool = load_source(cfg.pool, cfg)
+    curated = [load_source(s, cfg) for s in cfg.curated.split(",") if s]
+    evals = [load_source(s, cfg) for s in cfg.eval_sets.split(",") if s]
+    if dist_info()[0] != 0 or cmd == "embed":  # every rank embeds; the searches below run on rank 0
+        return
+    template, retrieved = None, []
+    if cmd in ("dedup", "run"):
+        status, roots, template = dedup(pool, evals, cfg, stats)
+        np.save(status_path, status)
+        np.save(roots_path, roots)  # the kept image of each pool image's duplicate group
+        print0(f"dedup: {stats['self_dedup']} {stats.get('relative_dedup', '')}")
+    if cmd in ("retrieve", "run"):  # before any dedup: retrieve from the whole pool
+        status = np.load(status_path) if status_path.exists() else np.zeros(len(pool.x), np.int8)
+        retrieved = retrieve(pool, status, curated, template, cfg, stats)
+        stats["curated_list"] = write_curated(out / "curated.tsv", curated, retrieved, pool)
+        print0(f"curated list -> {out / 'curated.tsv'}: {stats['curated_list']}")
+    roots = np.load(roots_path) if roots_path.exists() else None
+    if draw_examples(pool, roots, curated, retrieved, cfg, out / "montage.png"):
+        print0(f"montage -> {out / 'montage.png'}")
+    stats_path.write_text(json.dumps(stats, indent=1))
 
 
 def main(argv=None):
     cmd, cfg = parse_config(sys.argv[1:] if argv is None else argv)
     print0(f"curate.py {cmd}: {dataclasses.asdict(cfg)}")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stats_path = out / "stats.json"
-    stats = json.loads(stats_path.read_text()) if stats_path.exists() and cmd != "run" else {}
-    if not cfg.pool:
-        sys.exit("--pool is required")
-    pool = load_source(cfg.pool, cfg)
-    curated = [load_source(s, cfg) for s in specs(cfg.curated)]
-    evals = [load_source(s, cfg) for s in specs(cfg.eval_sets)]
-    if dist_info()[0] != 0 or cmd == "embed":
-        return  # embeddings are written (by every rank); the searches below run on rank 0
-    roots, template = None, None
-    if cmd in ("dedup", "run"):
-        status, roots, template = dedup(pool, evals, cfg, stats)
-        np.save(out / "pool_status.npy", status)
-        print0(f"dedup: {stats['self_dedup']} {stats.get('relative_dedup', '')}")
-    if cmd in ("retrieve", "run"):
-        status_path = out / "pool_status.npy"  # no dedup yet: retrieve from the whole pool
-        status = np.load(status_path) if status_path.exists() else np.zeros(len(pool.x), np.int8)
-        retrieved = retrieve(pool, status, curated, template, cfg, stats)
-        stats["curated_list"] = write_curated(out / "curated.tsv", curated, retrieved, pool)
-        print0(f"curated list -> {out / 'curated.tsv'}: {stats['curated_list']}")
-        if roots is not None and draw_examples(pool, roots, curated, retrieved, cfg, out / "montage.png"):
-            print0(f"montage -> {out / 'montage.png'}")
-    stats_path.write_text(json.dumps(stats, indent=1))
+    try:
+        run(cmd, cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

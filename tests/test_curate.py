@@ -3,16 +3,17 @@
 Run: python -m pytest -q tests/test_curate.py -s     (-s shows the precision / recall / purity printed)
 """
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import curate
 from curate import (CurateConfig, Source, balanced_split, cluster_retrieval, connected_components, dedup,
-                    fill_index, hierarchical_kmeans, hierarchical_sampling, inverse_norms, sample_retrieval,
-                    train_index)
+                    fill_index, hierarchical_kmeans, hierarchical_sampling, sample_retrieval, train_index)
 
 
 def unit(v):
@@ -146,7 +147,7 @@ def test_sample_retrieval_returns_the_true_nearest_neighbours(cfg):
     q = unit(centers[rng.integers(0, len(centers), 60)] + unit(rng.standard_normal((60, x.shape[1]))))
     rows = np.arange(len(x))
     index = fill_index(train_index(x, rows, cfg), x, rows, cfg)
-    got, stats = sample_retrieval(index, x, inverse_norms(x), q, cfg)
+    got, stats = sample_retrieval(index, q, cfg)
     true_nn = np.argsort(-(q @ x.T), axis=1)[:, :cfg.sample_k]  # brute force [Q,k]
     expected = np.unique(true_nn)
     if cfg.exact_max:
@@ -282,7 +283,7 @@ def test_fashion_mnist_dedup_precision_recall_and_retrieval_purity(fashion_mnist
     q = test.images[queries].reshape(100, -1).astype(np.float32) / 255
     q = unit(q - q.mean(1, keepdims=True))
     index = fill_index(train_index(x, kept, cfg), x, kept, cfg)
-    rows, _ = sample_retrieval(index, x, inverse_norms(x), q, cfg)
+    rows, _ = sample_retrieval(index, q, cfg)
     pool_labels = np.concatenate([train.labels[:n], train.labels[originals]])
     nn = np.argsort(-(q @ x[kept].T), axis=1)[:, :4]  # [100,4] the same neighbours, per query
     purity = (pool_labels[kept[nn]] == test.labels[queries][:, None]).mean()
@@ -340,6 +341,20 @@ def test_cli_run_on_image_folders(fashion_mnist_dir, tmp_path):
         assert retrieved and all(i.startswith("pool:") for i in retrieved)  # no ids file: ids are <name>:<row>
         print(method, stats["retrieval"])
     assert stats["retrieval"]["pool"]["retrieved"] == 50
+
+
+def test_embed_sharded_over_two_torchrun_ranks_matches_one_process(fashion_mnist_dir, tmp_path):
+    from train import FashionMNIST
+    data = FashionMNIST(str(fashion_mnist_dir), train=False)
+    write_pngs(tmp_path / "imgs", data.images[:101], data.labels[:101])  # odd count: unequal shards
+    args = ["embed", "--preset", "tiny", "--pool", str(tmp_path / "imgs")]
+    curate.main(args + ["--out", str(tmp_path / "one")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", curate.__file__, *args,
+                    "--out", str(tmp_path / "two")], check=True, env=env, capture_output=True)
+    one, two = np.load(tmp_path / "one" / "emb_imgs.npy"), np.load(tmp_path / "two" / "emb_imgs.npy")
+    assert one.shape == (101, 784) and np.array_equal(one, two)
+    assert (tmp_path / "one" / "emb_imgs.ids.txt").read_text() == (tmp_path / "two" / "emb_imgs.ids.txt").read_text()
 
 
 def test_cli_rejects_unknown_fields():
