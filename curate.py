@@ -10,6 +10,7 @@ with an optional <name>.ids.txt; every sub-command takes the CurateConfig fields
     python curate.py embed --pool <folder> --checkpoint teacher_backbone.pth    # -> out/curate/emb_<name>.npy
     torchrun --nproc_per_node 8 curate.py embed ...  # each rank embeds a contiguous slice of the images
     python curate.py dedup --pool emb.npy --eval_sets a.npy,b.npy               # -> out/curate/pool_status.npy
+    torchrun --nnodes 20 --nproc_per_node 1 ... curate.py dedup ...  # one process per node, index on its GPUs
     python curate.py retrieve --pool emb.npy --curated c.npy                    # -> out/curate/curated.tsv
     python bench_curate.py                           # 1M-embedding CPU benchmark (numbers in the README)
 
@@ -412,15 +413,38 @@ def relative_dedup(keep, a, b, s, touched, cfg):
     return keep & ~bad[roots]
 
 
+def pool_edges(index, pool, threshold, cfg):
+    """The pool searched with itself -> pairs (a, b, exact cosine > threshold). Under torchrun every rank holds
+    the whole index and searches a contiguous slice of the queries; rank 0 gathers the pairs (None elsewhere)."""
+    rank, world = dist_info()
+    lo, hi = len(pool.x) * rank // world, len(pool.x) * (rank + 1) // world
+    probes = None if index.probes is None else (index.probes[0][lo:hi], index.probes[1][lo:hi])
+    edges = knn_edges(index, pool.x, np.arange(lo, hi), cfg.dedup_k, threshold, cfg, skip_self=True, probes=probes)
+    if world == 1:
+        return edges
+    np.savez(Path(cfg.out) / f"edges.rank{rank}.npz", *edges)
+    barrier()
+    if rank > 0:
+        return None
+    paths = [Path(cfg.out) / f"edges.rank{r}.npz" for r in range(world)]
+    parts = [dict(np.load(p)) for p in paths]
+    for p in paths:
+        p.unlink()
+    return tuple(np.concatenate([p[f"arr_{i}"] for p in parts]) for i in range(3))
+
+
 def dedup(pool, evals, cfg, stats):
     """Self- then relative deduplication -> (status int8 [N]: 0 kept, 1 self-, 2 relative-duplicate; self-dedup
-    roots [N]; the trained empty index, reused for retrieval)."""
+    roots [N]; the trained empty index, reused for retrieval); None on ranks > 0 once their search is done."""
     n, rows = len(pool.x), np.arange(len(pool.x))
     template = train_index(pool.x, rows, cfg)
     index = fill_index(template, pool.x, rows, cfg, keep_probes=True)
     # One search of the pool serves both steps: keep every pair above the lower threshold.
-    low = min(cfg.dedup_threshold, cfg.relative_threshold) if evals else cfg.dedup_threshold
-    a, b, s = knn_edges(index, pool.x, rows, cfg.dedup_k, low, cfg, skip_self=True, probes=index.probes)
+    edges = pool_edges(index, pool, min(cfg.dedup_threshold, cfg.relative_threshold) if evals else
+                       cfg.dedup_threshold, cfg)
+    if edges is None:
+        return None
+    a, b, s = edges
     roots = self_dedup(n, a, b, s, cfg)
     keep = roots == rows
     status, sizes = np.where(keep, 0, 1).astype(np.int8), np.bincount(roots, minlength=n)
@@ -627,11 +651,14 @@ def run(cmd, cfg):
     pool = load_source(cfg.pool, cfg)
     curated = [load_source(s, cfg) for s in cfg.curated.split(",") if s]
     evals = [load_source(s, cfg) for s in cfg.eval_sets.split(",") if s]
-    if dist_info()[0] != 0 or cmd == "embed":  # every rank embeds; the searches below run on rank 0
+    if cmd == "embed" or (dist_info()[0] > 0 and cmd == "retrieve"):  # ranks > 0: embedding, pool search
         return
     template, retrieved = None, []
     if cmd in ("dedup", "run"):
-        status, roots, template = dedup(pool, evals, cfg, stats)
+        result = dedup(pool, evals, cfg, stats)
+        if result is None:  # ranks > 0 after their slice of the pool search; the rest runs on rank 0
+            return
+        status, roots, template = result
         np.save(status_path, status)
         np.save(roots_path, roots)  # the kept image of each pool image's duplicate group
         print0(f"dedup: {stats['self_dedup']} {stats.get('relative_dedup', '')}")

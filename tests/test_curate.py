@@ -357,6 +357,20 @@ def test_embed_sharded_over_two_torchrun_ranks_matches_one_process(fashion_mnist
     assert (tmp_path / "one" / "emb_imgs.ids.txt").read_text() == (tmp_path / "two" / "emb_imgs.ids.txt").read_text()
 
 
+def test_dedup_search_sharded_over_two_torchrun_ranks_matches_one_process(tmp_path):
+    x, _, _ = planted_pool(np.random.default_rng(5), n_base=2000)
+    np.save(tmp_path / "pool.npy", x)
+    args = ["dedup", "--pool", str(tmp_path / "pool.npy"), "--exact_max", "0", "--ivf_lists", "32", "--gpu", "0"]
+    curate.main(args + ["--out", str(tmp_path / "one")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", curate.__file__, *args,
+                    "--out", str(tmp_path / "two")], check=True, env=env, capture_output=True)
+    one, two = np.load(tmp_path / "one" / "pool_status.npy"), np.load(tmp_path / "two" / "pool_status.npy")
+    assert (one == 1).sum() > 100 and np.array_equal(one, two)
+    stats = [json.loads((tmp_path / d / "stats.json").read_text())["self_dedup"] for d in ("one", "two")]
+    assert stats[0] == stats[1] and stats[0]["index"] == "ivfpq"
+
+
 def test_cli_rejects_unknown_fields():
     with pytest.raises(SystemExit):
         curate.parse_config(["run", "--dedup_treshold", "0.5"])
