@@ -34,6 +34,7 @@ import sys
 from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import faiss
@@ -134,7 +135,8 @@ def dist_info():
     if "RANK" in os.environ and dist.is_available() and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # Long timeout: ranks wait at barriers while rank 0 writes a billion ids or the slowest rank searches.
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=12))
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
@@ -306,7 +308,8 @@ def fill_index(template, x, rows, cfg, keep_probes=False):
     rows, ivf = np.asarray(rows), not isinstance(template, faiss.IndexFlat)
     index = faiss.clone_index(template)
     keep_probes = keep_probes and ivf and not use_gpu(cfg)
-    Dq, Iq = (np.empty((len(rows), cfg.nprobe), t) for t in (np.float32, np.int64))
+    if keep_probes:
+        Dq, Iq = np.empty((len(rows), cfg.nprobe), np.float32), np.empty((len(rows), cfg.nprobe), np.int64)
     inv_norm = np.zeros(len(x), np.float32)
     if ivf:
         index.nprobe = cfg.nprobe
