@@ -67,6 +67,7 @@ class Config:
     n_local_crops: int = 8
     global_crop_scale: tuple = (0.32, 1.0)  # RandomResizedCrop area fraction
     local_crop_scale: tuple = (0.05, 0.32)
+    blur_sigma: tuple = (0.1, 2.0)  # px, Gaussian blur sigma range (kernel 9)
     mask_ratio: tuple = (0.1, 0.5)  # iBOT masked fraction of patches, spread uniformly across the batch
     mask_probability: float = 0.5  # fraction of global crops that are masked
     # --- losses and teacher targets (Sec. 4)
@@ -467,7 +468,7 @@ def solarize(x, gen, p=0.2, threshold=128 / 255):
     return x
 
 
-def augment_crops(images, rng, gen, size, scale, blur_p, solarize_p=0.0):
+def augment_crops(images, rng, gen, size, scale, blur_p, solarize_p=0.0, blur_sigma=(0.1, 2.0)):
     """One crop of each image: random resized crop (bicubic) + flip + colour jitter + grayscale + blur
     (+ solarize) + normalise. images: list of [3,H,W] in [0,1] -> [B,3,size,size]."""
     heights = np.array([im.shape[1] for im in images])
@@ -478,7 +479,7 @@ def augment_crops(images, rng, gen, size, scale, blur_p, solarize_p=0.0):
     flip = torch.rand(len(images), generator=gen) < 0.5
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
     x = random_grayscale(color_jitter(x, gen), gen)
-    x = gaussian_blur(x, gen, blur_p)
+    x = gaussian_blur(x, gen, blur_p, blur_sigma)
     if solarize_p > 0:
         x = solarize(x, gen, solarize_p)
     return normalize(x)
@@ -529,9 +530,9 @@ class MultiCropCollate:
     PR #411). Solarisation p=0.2 on the second global crop only."""
 
     def __init__(self, global_size, local_size, n_local, patch_size, global_scale=(0.32, 1.0),
-                 local_scale=(0.05, 0.32), mask_ratio=(0.1, 0.5), mask_probability=0.5):
+                 local_scale=(0.05, 0.32), mask_ratio=(0.1, 0.5), mask_probability=0.5, blur_sigma=(0.1, 2.0)):
         self.global_size, self.local_size, self.n_local, self.patch_size = global_size, local_size, n_local, patch_size
-        self.global_scale, self.local_scale = global_scale, local_scale
+        self.global_scale, self.local_scale, self.blur_sigma = global_scale, local_scale, blur_sigma
         self.mask_ratio, self.mask_probability = mask_ratio, mask_probability
 
     def __call__(self, items):
@@ -539,9 +540,9 @@ class MultiCropCollate:
         rng = np.random.default_rng(seeds[0])  # the sampler gives every item of a batch the same seed
         gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
         G, L = self.global_size, self.local_size
-        global_crops = torch.cat([augment_crops(images, rng, gen, G, self.global_scale, blur_p=1.0),
-                                  augment_crops(images, rng, gen, G, self.global_scale, blur_p=0.1, solarize_p=0.2)])
-        local_crops = [augment_crops(images, rng, gen, L, self.local_scale, blur_p=0.5) for _ in range(self.n_local)]
+        crop = partial(augment_crops, images, rng, gen, blur_sigma=self.blur_sigma)
+        global_crops = torch.cat([crop(G, self.global_scale, blur_p=1.0), crop(G, self.global_scale, 0.1, 0.2)])
+        local_crops = [crop(L, self.local_scale, blur_p=0.5) for _ in range(self.n_local)]
         local_crops = torch.cat(local_crops) if local_crops else torch.empty(0, 3, L, L)
         masks = sample_masks(rng, len(global_crops), G // self.patch_size, self.mask_ratio, self.mask_probability)
         n_masked = masks.sum(dim=1, keepdim=True).clamp(min=1)  # [2B,1]
@@ -958,19 +959,25 @@ def reset_peak_memory(device):
             pass
 
 
-def knn_eval(backbone, cfg, device, autocast, train_size=None):
-    """Weighted k-NN top-1 (k=20, T=0.07) of `backbone` on the held-out split, or None when there is no labelled
-    held-out split. train_size: a fixed random subset of the training images (None: all)."""
-    train_set, test_set = build_dataset(cfg.data, train=True), build_dataset(cfg.data, train=False)
-    if isinstance(test_set, ImageFolder) and (test_set.root == getattr(train_set, "root", None)
-                                              or (test_set.labels < 0).any()):
+def labelled_splits(data):
+    """(train, held-out) datasets when `data` has labels and a held-out split (Fashion-MNIST's test set, or the
+    val/ or test/ folder of an image folder with class sub-folders), else None."""
+    train_set, test_set = build_dataset(data, train=True), build_dataset(data, train=False)
+    if isinstance(test_set, ImageFolder) and (test_set.root == train_set.root or (test_set.labels < 0).any()):
         return None
+    return train_set, test_set
+
+
+def knn_eval(backbone, splits, image_size, device, autocast, train_size=None):
+    """Weighted k-NN top-1 (k=20, T=0.07, DINO v1 protocol) of `backbone` on splits = (train, held-out).
+    train_size: use a fixed random subset of the training images (None: all)."""
+    train_set, test_set = splits
     if train_size and train_size < len(train_set):
         keep = np.random.default_rng(0).choice(len(train_set), train_size, replace=False)
         train_set = torch.utils.data.Subset(train_set, keep)
     with autocast:
-        train_feats, train_labels = extract_features(backbone, train_set, cfg.global_crop_size, device=device)
-        test_feats, test_labels = extract_features(backbone, test_set, cfg.global_crop_size, device=device)
+        train_feats, train_labels = extract_features(backbone, train_set, image_size, device=device)
+        test_feats, test_labels = extract_features(backbone, test_set, image_size, device=device)
     return knn_classify(train_feats, train_labels, test_feats, test_labels, ks=(20,), temperature=0.07)[20]["top1"]
 
 
@@ -980,7 +987,8 @@ def knn_eval(backbone, cfg, device, autocast, train_size=None):
 def make_loader(dataset, cfg, micro_batch, global_crop_size, start_micro_step, rank, world_size, device):
     """Infinite iterator of micro-batches starting at `start_micro_step`, augmented in the workers."""
     collate = MultiCropCollate(global_crop_size, cfg.local_crop_size, cfg.n_local_crops, cfg.patch_size,
-                               cfg.global_crop_scale, cfg.local_crop_scale, cfg.mask_ratio, cfg.mask_probability)
+                               cfg.global_crop_scale, cfg.local_crop_scale, cfg.mask_ratio, cfg.mask_probability,
+                               cfg.blur_sigma)
     sampler = StepBatchSampler(len(dataset), micro_batch, cfg.seed, rank, world_size, start_micro_step)
     return iter(DataLoader(SeededItems(dataset), batch_sampler=sampler, collate_fn=collate,
                            num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
@@ -1037,6 +1045,7 @@ def train(cfg, dataset=None):
     stop_at, accum, autocast = cfg.stop_after or cfg.total_iters, d["accumulation_steps"], autocast_for(cfg, device)
     stop_signal, loader, loader_size = StopSignal(), None, None
     metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if rank == 0 else None
+    splits = labelled_splits(cfg.data) if cfg.eval_every and dataset is None else None
     bar = tqdm(total=stop_at, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
     t_last, it = time.perf_counter(), start
     for it in range(start, stop_at):
@@ -1065,12 +1074,11 @@ def train(cfg, dataset=None):
             if metrics_file:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
-        if cfg.eval_every and (it + 1) % cfg.eval_every == 0:
-            acc = knn_eval(teacher.backbone, cfg, device, autocast, cfg.knn_train_size)
-            if acc is not None:
-                print0(f"\niteration {it + 1}: teacher k-NN top-1 {acc:.2f}% ({cfg.knn_train_size} train images)")
-                if metrics_file:
-                    metrics_file.write(json.dumps(dict(step=it + 1, knn_top1=acc)) + "\n")
+        if splits and (it + 1) % cfg.eval_every == 0:  # every rank computes it (FSDP needs all ranks)
+            acc = knn_eval(teacher.backbone, splits, cfg.global_crop_size, device, autocast, cfg.knn_train_size)
+            print0(f"\niteration {it + 1}: teacher k-NN top-1 {acc:.2f}% ({cfg.knn_train_size} train images)")
+            if metrics_file:
+                metrics_file.write(json.dumps(dict(step=it + 1, knn_top1=acc)) + "\n")
             t_last = time.perf_counter()
         stopping = stop_signal.any_rank(device)
         if stopping or (it + 1) % cfg.checkpoint_every == 0 or it + 1 == stop_at:
@@ -1135,7 +1143,8 @@ def knn_baselines(cfg, device):
         print(f"raw pixels: k-NN top-1 {knn_classify(*raw(train_set), *raw(test_set))[20]['top1']:.2f}%")
     torch.manual_seed(cfg.seed)
     _, teacher, _ = build_student_teacher(cfg)
-    acc = knn_eval(teacher.backbone.to(device), cfg, device, autocast_for(cfg, device))
+    acc = knn_eval(teacher.backbone.to(device), (train_set, test_set), cfg.global_crop_size, device,
+                   autocast_for(cfg, device))
     print(f"random init teacher: k-NN top-1 {acc:.2f}%")
 
 
@@ -1149,8 +1158,9 @@ def main():
     else:
         t0 = time.perf_counter()
         student, teacher = train(cfg)
-        acc = knn_eval(teacher.backbone, cfg, device, autocast_for(cfg, device))
-        if acc is not None:
+        splits = labelled_splits(cfg.data)
+        if splits:
+            acc = knn_eval(teacher.backbone, splits, cfg.global_crop_size, device, autocast_for(cfg, device))
             print0(f"teacher k-NN (k=20, T=0.07) top-1 on the held-out split: {acc:.2f}% "
                    f"({(time.perf_counter() - t0) / 60:.1f} min in total)")
     if is_dist():

@@ -160,9 +160,10 @@ def run_steps(cfg, batches, model_wrapper=None):
     s = T.build_schedules(cfg, T.derived_values(cfg, 1)["lr"])
     centers = dict(dino=torch.zeros(1, cfg.n_prototypes), ibot=torch.zeros(1, cfg.n_prototypes))
     losses = []
-    for it, batch in enumerate(batches):
+    for it, batch in enumerate(batches):  # a batch, or a list of micro-batches (gradient accumulation)
         T.set_hyperparameters(optimizer, s["lr"][it], s["last_layer_lr"][it], s["wd"][it])
-        terms, teacher_out = T.forward_backward(model, teacher, [batch], s["teacher_temp"][it], centers, scaler,
+        micro_batches = batch if isinstance(batch, list) else [batch]
+        terms, teacher_out = T.forward_backward(model, teacher, micro_batches, s["teacher_temp"][it], centers, scaler,
                                                 cfg, autocast)
         T.optimizer_step(optimizer, scaler, student, it, cfg)
         T.ema_update(teacher, student, s["momentum"][it])
@@ -198,6 +199,30 @@ def test_teacher_is_ema_of_student_after_a_step(tmp_path):
         assert torch.equal(t, expected), name  # bit for bit: the loop applies exactly this formula
         changed += not torch.equal(s, s0)
     assert changed > 10 and all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_activation_checkpointing_changes_nothing(tmp_path):
+    cfg = tiny_cfg(tmp_path, precision="fp32")
+    batch = make_batch(random_images(8), cfg, seed=1)
+    plain, _, losses = run_steps(cfg, [batch] * 2)
+    cfg_ac = tiny_cfg(tmp_path, precision="fp32", activation_checkpointing=True)
+    checkpointed, _, losses_ac = run_steps(cfg_ac, [batch] * 2, lambda s, t: T.wrap_student(s, t, cfg_ac, CPU))
+    assert losses == losses_ac and list(plain.state_dict()) == list(checkpointed.state_dict())  # same key names
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), checkpointed.state_dict().values()))
+
+
+def test_gradient_accumulation_equals_full_batch(tmp_path):
+    # Sinkhorn-Knopp and KoLeo are computed over the batch a forward pass sees, so with accumulation they see the
+    # micro-batch; with EMA centering and KoLeo weight 0 every term is a per-image mean and the two must agree.
+    cfg = tiny_cfg(tmp_path, precision="fp32", centering="ema", koleo_loss_weight=0.0, warmup_iters=0)
+    items = random_images(8, seed=5)
+    halves = [[make_batch(items[h * 4:(h + 1) * 4], cfg, seed=10 * step + h) for h in range(2)] for step in range(2)]
+    full = [concat_batches(micro, cfg.n_local_crops) for micro in halves]
+    student_full, teacher_full, losses_full = run_steps(cfg, full)
+    student_acc, teacher_acc, losses_acc = run_steps(cfg, halves)
+    np.testing.assert_allclose(losses_acc, losses_full, rtol=1e-5)
+    for (name, a), b in zip(student_full.state_dict().items(), student_acc.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
 
 
 def test_highres_phase_runs_with_interpolated_pos_embed(tmp_path):
