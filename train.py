@@ -1,14 +1,42 @@
-"""DINOv2 self-supervised pretraining (arXiv 2304.07193, Sec. 3-5, App. B) in one readable file.
+"""DINOv2 self-supervised pretraining (arXiv 2304.07193, Sec. 4-5, App. B) in one file, read top to bottom.
 
-Run:
-    python train.py                       # the tiny CPU demo preset on Fashion-MNIST (work in progress)
+Student and teacher ViTs (model.py) see multi-crop views of unlabelled images; the student learns to predict the
+teacher's prototype assignments of other views (DINO, image level) and of masked patches (iBOT, patch level), with
+KoLeo spreading the features; the teacher is an EMA of the student (losses.py has the objectives).
 
-Data section (imported by eval.py, curate.py and distill.py):
-    FashionMNIST, ImageFolder, build_dataset    datasets (IDX files / a folder of images)
-    eval_transform                              resize + centre crop + ImageNet normalisation
-    extract_features, knn_classify              weighted k-NN monitor (DINO v1 eval_knn, k=20, T=0.07)
+Run (the same file from a laptop to a cluster):
+    python train.py                                   # CPU demo: the named preset "tiny" on Fashion-MNIST, then
+                                                      # the teacher's k-NN accuracy (README: time and accuracy)
+    python train.py --preset vit_l --data /path/imagenet --micro_batch_size 32        # one GPU
+    torchrun --nproc_per_node=8 train.py --preset vit_l --data /path/imagenet          # one node
+    torchrun --nnodes=N --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
+        train.py --preset vit_g --fsdp true --data /path/images                        # several nodes
+    python train.py ... --resume                      # continue exactly from output_dir/checkpoint.pth
+    python train.py --bench                           # images/s and peak memory of a training step on this machine
+    python train.py --baselines                       # k-NN of raw pixels and of the network at initialisation
+The dataclass defaults are the paper's (ViT-g/14, App. B); `python train.py` without flags applies the preset
+"tiny" (PRESETS), any --<field> VALUE overrides, and the resolved config is printed and stored in checkpoints.
 
-Shape legend: B batch, N tokens, D width, H heads, K prototypes, C classes.
+Paper -> code
+  Sec. 4 image-level objective (DINO) ............... teacher_targets, student_loss (losses.dino_loss)
+  Sec. 4 patch-level objective (iBOT), masking ...... sample_masks, block_mask, DinoV2.forward (losses.ibot_loss)
+  Sec. 4 untied DINO / iBOT heads ................... DinoV2, build_student_teacher
+  Sec. 4 Sinkhorn-Knopp centering (or EMA centering)  teacher_targets; the loop updates the center once per step
+  Sec. 4 KoLeo regularizer (weight 0.1) ............. student_loss (losses.koleo_loss)
+  Sec. 4 adapting the resolution (518 px at the end)  crop_size_at, Config.highres_*
+  Sec. 5 FSDP, mixed precision, activation ckpt ..... wrap_student, autocast_for
+  App. B multi-crop augmentation .................... MultiCropCollate, augment_crops (torch, no torchvision)
+  App. B AdamW, lr/wd/momentum/temperature schedules  build_schedules, param_groups, set_hyperparameters
+  App. B / Tab. 16 hyperparameters and model sizes .. Config, ARCHS, PRESETS
+  DINO v1 weighted k-NN evaluation .................. extract_features, knn_classify, knn_eval
+
+Data section (imported by eval.py, curate.py and distill.py): FASHION_MNIST_DIR, FashionMNIST, ImageFolder,
+build_dataset, eval_transform, extract_features, knn_classify.
+Checkpoint (output_dir/checkpoint.pth, torch.load(weights_only=True) works): {"config", "model_args", "step",
+"student"/"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}, "optimizer", "scaler", "centers", "rng", "data"};
+at the end also teacher_backbone.pth (bare backbone, official keys) + teacher_backbone.json ({"model_args": ...}).
+
+Shape legend: B batch, N tokens, D width, H heads, K prototypes, M masked patches, C classes.
 """
 import argparse
 import gzip
@@ -1029,6 +1057,7 @@ def train(cfg, dataset=None):
     print0(f"config: {json.dumps(asdict(cfg))}\nderived: {json.dumps(d)}")
     os.makedirs(cfg.output_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    splits = labelled_splits(cfg.data) if cfg.eval_every and dataset is None else None  # periodic k-NN
     dataset = dataset if dataset is not None else build_dataset(cfg.data, train=True)
     student, teacher, model_args = build_student_teacher(cfg)
     student, teacher = student.to(device), teacher.to(device)
@@ -1045,7 +1074,6 @@ def train(cfg, dataset=None):
     stop_at, accum, autocast = cfg.stop_after or cfg.total_iters, d["accumulation_steps"], autocast_for(cfg, device)
     stop_signal, loader, loader_size = StopSignal(), None, None
     metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if rank == 0 else None
-    splits = labelled_splits(cfg.data) if cfg.eval_every and dataset is None else None
     bar = tqdm(total=stop_at, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
     t_last, it = time.perf_counter(), start
     for it in range(start, stop_at):

@@ -225,6 +225,16 @@ def test_gradient_accumulation_equals_full_batch(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
 
 
+def test_periodic_knn_on_fashion_mnist(tmp_path, fashion_mnist_dir):
+    # layerscale 0 (none): with LayerScale 1e-5 the [CLS] token of a fresh network ignores the image (k-NN at chance)
+    cfg = tiny_cfg(tmp_path, data=str(fashion_mnist_dir), total_iters=2, eval_every=2, knn_train_size=1000,
+                   batch_size=16, layerscale=0.0)
+    T.train(cfg)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    knn = [r for r in rows if "knn_top1" in r]
+    assert len(knn) == 1 and knn[0]["step"] == 2 and 20 < knn[0]["knn_top1"] < 100  # 10 classes: chance is 10%
+
+
 def test_highres_phase_runs_with_interpolated_pos_embed(tmp_path):
     cfg = tiny_cfg(tmp_path, total_iters=3, highres_iters=1, highres_global_crop_size=24)
     assert [T.crop_size_at(cfg, it) for it in range(3)] == [16, 16, 24]
