@@ -124,7 +124,7 @@ class Config:
     freeze_last_layer_iters: int = 1250  # prototypes frozen for the first (official) epoch
     clip_grad: float = 3.0  # gradient norm clip, applied to backbone and each head separately (official)
     adamw_betas: tuple = (0.9, 0.999)
-    # --- high-resolution adaptation (Sec. 5): the last iterations at a larger global crop, pos-embed interpolated
+    # --- adapting the resolution (Sec. 4): the last iterations at a larger global crop, pos-embed interpolated
     highres_iters: int = 10000
     highres_global_crop_size: int = 518
     # --- systems
@@ -849,7 +849,8 @@ def backward_micro_batch(model, batch, dino_probs, ibot_probs, scaler, cfg, auto
 
 def forward_backward(model, teacher, batches, teacher_temp, centers, scaler, cfg, autocast):
     """Accumulate gradients over the micro-batches of one optimizer step (DDP syncs only on the last one).
-    -> (mean loss terms, teacher logits of all micro-batches for the center update)."""
+    -> (mean loss terms, teacher logits of all micro-batches for the EMA center update; None with Sinkhorn-Knopp,
+    which needs no state: [M,K] iBOT logits of many micro-batches are large)."""
     terms, logits = {}, {"dino": [], "ibot": []}
     for i, batch in enumerate(batches):
         dino_probs, ibot_probs, teacher_out = teacher_targets(teacher, batch, teacher_temp, centers, cfg, autocast)
@@ -859,7 +860,7 @@ def forward_backward(model, teacher, batches, teacher_temp, centers, scaler, cfg
             terms[k] = terms.get(k, 0.0) + v / len(batches)
         for k in logits:
             logits[k].append(teacher_out[k])
-    return terms, {k: torch.cat(v) for k, v in logits.items()}
+    return terms, {k: torch.cat(v) for k, v in logits.items()} if cfg.centering == "ema" else None
 
 
 def optimizer_step(optimizer, scaler, student, it, cfg):
@@ -1024,7 +1025,7 @@ def make_loader(dataset, cfg, micro_batch, global_crop_size, start_micro_step, r
 
 
 def crop_size_at(cfg, it):
-    """Global crop size at iteration `it`: larger during the final high-resolution phase (Sec. 5)."""
+    """Global crop size at iteration `it`: larger during the final high-resolution phase (Sec. 4)."""
     return cfg.highres_global_crop_size if it >= cfg.total_iters - cfg.highres_iters else cfg.global_crop_size
 
 
@@ -1051,7 +1052,7 @@ class StopSignal:
 
 def train(cfg, dataset=None):
     """Pretrain with DINOv2; returns the raw (student, teacher) modules. `dataset` overrides cfg.data (tests)."""
-    rank, world_size, device = get_rank(), dist.get_world_size() if is_dist() else 1, None
+    rank, world_size = get_rank(), dist.get_world_size() if is_dist() else 1
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     d = derived_values(cfg, world_size)
     print0(f"config: {json.dumps(asdict(cfg))}\nderived: {json.dumps(d)}")
@@ -1075,7 +1076,7 @@ def train(cfg, dataset=None):
     stop_signal, loader, loader_size = StopSignal(), None, None
     metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if rank == 0 else None
     bar = tqdm(total=stop_at, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
-    t_last, it = time.perf_counter(), start
+    t_last, logged, it = time.perf_counter(), start, start
     for it in range(start, stop_at):
         if crop_size_at(cfg, it) != loader_size:  # start, or entering the high-resolution phase
             loader_size = crop_size_at(cfg, it)
@@ -1093,11 +1094,11 @@ def train(cfg, dataset=None):
             centers = {k: update_center(centers[k], teacher_out[k], cfg.center_momentum) for k in centers}
         bar.update(1)
         if (it + 1) % cfg.log_every == 0 or it + 1 == stop_at:
-            elapsed, t_last = time.perf_counter() - t_last, time.perf_counter()
-            n_steps = (it + 1 - start) % cfg.log_every or cfg.log_every
             row = dict(step=it + 1, **{k: float(v) for k, v in terms.items()}, grad_norm=float(grad_norm),
                        **{k: s[k] for k in ("lr", "wd", "momentum", "teacher_temp")},
-                       images_per_s=n_steps * cfg.batch_size / elapsed, memory_gb=peak_memory_gb(device))
+                       images_per_s=(it + 1 - logged) * cfg.batch_size / (time.perf_counter() - t_last),
+                       memory_gb=peak_memory_gb(device))
+            t_last, logged = time.perf_counter(), it + 1
             bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['images_per_s']:.0f}")
             if metrics_file:
                 metrics_file.write(json.dumps(row) + "\n")
