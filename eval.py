@@ -8,6 +8,7 @@ Run:
     python eval.py knn runs/tiny/teacher_backbone.pth --preset tiny       # Fashion-MNIST 60k/10k, minutes on 2 cores
     python eval.py linear runs/tiny/teacher_backbone.pth --preset tiny
     python eval.py retrieval runs/tiny/teacher_backbone.pth --preset tiny
+    python eval.py pca runs/tiny/teacher_backbone.pth fashion-mnist:19 fashion-mnist:2 --preset tiny  # test images
     python eval.py pca dinov2_vits14_pretrain.pth a.jpg b.jpg              # one PCA over both images (Fig. 1 style)
     python eval.py attention dinov2_vits14_pretrain.pth a.jpg
     python eval.py knn dinov2_vits14_pretrain.pth --data /data/imagenet    # folders train/ and val/ with class folders
@@ -94,9 +95,10 @@ class EvalConfig:
 
 
 PRESETS = {
-    # 28 px Fashion-MNIST with a patch-4 ViT (7x7 patches): every command in a few CPU minutes
+    # 28 px Fashion-MNIST with a patch-4 ViT (7x7 patches), pictures at the 28 px it was trained at:
+    # every command in a few CPU minutes
     "tiny": dict(image_size=28, batch_size=512, linear_iters=3000, linear_batch_size=256,
-                 retrieval_originals=200, retrieval_distractors=1800, picture_size=112),
+                 retrieval_originals=200, retrieval_distractors=1800, picture_size=28, sheet_height=112),
 }
 
 
@@ -108,7 +110,7 @@ def parse_config(argv=None):
         sub = commands.add_parser(name)
         sub.add_argument("checkpoint", help="anything model.load_model reads (.pth/.pt)")
         if name in ("pca", "attention"):
-            sub.add_argument("images", nargs="+", help="image files")
+            sub.add_argument("images", nargs="+", help="image files, or fashion-mnist:<test index>")
         sub.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named preset applied first")
         for f in fields(EvalConfig):  # one option per field; argparse rejects anything else
             sub.add_argument(f"--{f.name}", default=None, help=f"default {f.default!r}")
@@ -386,8 +388,15 @@ def fed_size(height, width, short_side, patch):
 
 
 def load_picture(path):
+    """An image file, or "fashion-mnist:<i>" for test image i of Fashion-MNIST -> [3,H,W] in [0,1]."""
+    if str(path).startswith("fashion-mnist:"):
+        return build_dataset("fashion-mnist", train=False)[int(str(path).split(":")[1])][0]
     with Image.open(path) as im:
-        return to_tensor(im)  # [3,H,W] in [0,1]
+        return to_tensor(im)
+
+
+def picture_name(path):
+    return Path(str(path).replace(":", "_")).stem  # fashion-mnist:19 -> fashion-mnist_19
 
 
 def prepare_picture(img, short_side, patch):
@@ -478,18 +487,21 @@ def run_pca(backbone, cfg, device, images, out_dir):
     written, pcas = [], []
     for path, img, (rgb, fg) in zip(images, pictures, pca_rgb(grids, cfg.pca_threshold)):
         pcas.append(upsample(rgb, *img.shape[-2:]))  # [H,W,3], the image's own size
-        written.append(save_png(pcas[-1], out_dir / f"{Path(path).stem}_pca.png"))
+        written.append(save_png(pcas[-1], out_dir / f"{picture_name(path)}_pca.png"))
         print(f"{written[-1]}: foreground {100 * fg.float().mean():.0f}% of patches")
     sheet = pca_sheet(pictures, pcas, cfg.sheet_height)
-    return {"pngs": written, "sheet": save_png(sheet, out_dir / f"{Path(images[0]).stem}_pca_sheet.png")}
+    return {"pngs": written, "sheet": save_png(sheet, out_dir / f"{picture_name(images[0])}_pca_sheet.png")}
 
 
 def pca_sheet(pictures, pcas, height):
-    """Inputs on top, their PCA pictures below, each scaled to `height` px tall, aspect kept (as in Fig. 1)."""
+    """Inputs on top, their PCA pictures below, each scaled to `height` px tall, aspect kept (as in Fig. 1).
+    Small images are enlarged with nearest (pixels stay sharp), large ones shrunk with antialiasing."""
     def scaled(rgb):  # [H,W,3] -> [height, W*height/H, 3]
         h, w = rgb.shape[:2]
-        size = (height, max(1, round(w * height / h)))
-        return F.interpolate(rgb.permute(2, 0, 1)[None], size=size, mode="bilinear", antialias=True)[0].permute(1, 2, 0)
+        size, x = (height, max(1, round(w * height / h))), rgb.permute(2, 0, 1)[None]
+        x = F.interpolate(x, size=size, mode="nearest") if h < height else \
+            F.interpolate(x, size=size, mode="bilinear", antialias=True)
+        return x[0].permute(1, 2, 0)
     top = torch.cat([scaled(p.permute(1, 2, 0)) for p in pictures], dim=1)  # [height, sum W, 3]
     bottom = torch.cat([scaled(p) for p in pcas], dim=1)
     return torch.cat([top, bottom], dim=0)  # [2*height, sum W, 3]
@@ -501,7 +513,7 @@ def run_attention(backbone, cfg, device, images, out_dir):
         img = load_picture(path)
         maps = cls_attention(backbone, prepare_picture(img, cfg.picture_size, backbone.patch_size).to(device))
         for h, m in enumerate(maps):
-            png = out_dir / f"{Path(path).stem}_attn_head{h}.png"
+            png = out_dir / f"{picture_name(path)}_attn_head{h}.png"
             written.append(save_png(upsample(heat(m), *img.shape[-2:]), png))
     print(f"wrote {len(written)} PNGs (one per head and image) to {out_dir}")
     return {"pngs": written}

@@ -215,6 +215,11 @@ def test_released_layout_bare_state_dict_without_sidecar(tmp_path):
     assert len(res["pngs"]) == 2 and Image.open(res["pngs"][0]).size == (45, 30)
 
 
+def test_fashion_mnist_pictures_by_index(fashion_mnist_dir):
+    assert ev.load_picture("fashion-mnist:19").shape == (3, 28, 28)
+    assert ev.picture_name("fashion-mnist:19") == "fashion-mnist_19" and ev.picture_name("a/b.jpg") == "b"
+
+
 def test_pca_and_attention_pngs_on_a_real_photo(fixture_vit, tmp_path):
     photo = OPENCV_DATA / "squirrel_cls.jpg"
     if not photo.exists():
