@@ -15,8 +15,10 @@ Run:
 Every field of EvalConfig is an option (--knn_ks 10,20 --image_size 224 ...); unknown options are an error.
 
 Cost, measured on 2 shared CPU cores (load 2-7) with the tiny preset's ViT (width 128, depth 4, patch 4, 28 px):
-knn on all of Fashion-MNIST (60,000 + 10,000 images) 67-151 s wall (~105 s CPU), linear ~240 s (features ~150 s,
-52 heads x 3,000 steps ~85 s), retrieval ~9 s, pca / attention < 1 s. Feature extraction dominates.
+knn on all of Fashion-MNIST (60,000 + 10,000 images) 67-151 s wall (~105 s CPU), linear 150-240 s (features
+100-150 s, 72 heads x 3,000 steps ~65 s), retrieval ~7 s, pca / attention < 1 s. Feature extraction dominates.
+What it reaches (Fashion-MNIST test set): `python train.py` (tiny preset, 1,000 steps, 25 min) -> k-NN top-1 66.8%
+(k=20; 55.7% for the same network at init), linear 75.1%; the PCA picture is assets/pca_example.png.
 
 Paper (arXiv 2304.07193) -> code
     Sec. 6.1 Table 1 k-NN column (DINO protocol: k in {10,20,100,200}, T=0.07) -> run_knn (votes: train.knn_classify)
@@ -97,7 +99,9 @@ class EvalConfig:
 PRESETS = {
     # 28 px Fashion-MNIST with a patch-4 ViT (7x7 patches), pictures at the 28 px it was trained at:
     # every command in a few CPU minutes
+    # small features want larger learning rates than ImageNet's: the grid goes on up to 5 (best seen: 0.2)
     "tiny": dict(image_size=28, batch_size=512, linear_iters=3000, linear_batch_size=256,
+                 linear_lrs=EvalConfig.linear_lrs + (0.2, 0.5, 1.0, 2.0, 5.0),
                  retrieval_originals=200, retrieval_distractors=1800, picture_size=28, sheet_height=112),
 }
 
