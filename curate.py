@@ -46,8 +46,8 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Subset
 from tqdm import tqdm
 
+from data import build_dataset, extract_features
 from model import load_model
-from train import build_dataset, extract_features
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -38,13 +38,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data import build_dataset, eval_transform, labelled_splits
 from losses import is_dist, update_center
 from model import DINOHead, DinoVisionTransformer, backbone_state_dict, infer_model_args
 from train import (ARCHS, PRESETS, Config, DinoV2, StopSignal, atomic_save, autocast_for, backward_micro_batch,
-                   batch_to, build_dataset, build_schedules, build_student_teacher, config_from_args, config_parser,
-                   derived_values, ema_update, eval_transform, full_state_dicts, get_rank, knn_eval, make_loader,
-                   optimizer_step, param_groups, print0, rng_states, save_backbone, set_hyperparameters,
-                   set_rng_states, setup_distributed, step_seed, teacher_targets, wrap_student)
+                   batch_to, build_schedules, build_student_teacher, config_from_args, config_parser, derived_values,
+                   ema_update, full_state_dicts, get_rank, knn_eval, make_loader, optimizer_step, param_groups, print0,
+                   rng_states, save_backbone, set_hyperparameters, set_rng_states, setup_distributed, step_seed,
+                   teacher_targets, wrap_student)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,14 +280,16 @@ def similarity_agreement(backbone_a, backbone_b, images):
 
 def report(cfg, teacher, students, device, n_probe=256):
     """k-NN top-1 of the teacher and of each student's EMA (k=20, T=0.07), and each student's agreement with the
-    teacher on n_probe held-out images -> {model: {"knn_top1": %, "agreement": cos}} (None without labels)."""
-    test_set = build_dataset(cfg.data, train=False)
-    probe = torch.stack([eval_transform(test_set[i][0], cfg.global_crop_size)
-                         for i in range(min(n_probe, len(test_set)))]).to(device)  # [n,3,G,G]
-    autocast = autocast_for(cfg, device)
-    results = {"teacher": dict(knn_top1=knn_eval(teacher.backbone, cfg, device, autocast), agreement=1.0)}
+    teacher on n_probe held-out images -> {model: {"knn_top1": % or None without labels, "agreement": cos}}."""
+    splits = labelled_splits(cfg.data)
+    held_out = splits[1] if splits else build_dataset(cfg.data, train=True)
+    probe = torch.stack([eval_transform(held_out[i][0], cfg.global_crop_size)
+                         for i in range(min(n_probe, len(held_out)))]).to(device)  # [n,3,G,G]
+    knn = lambda backbone: (knn_eval(backbone, splits, cfg.global_crop_size, device, autocast_for(cfg, device))
+                            if splits else None)
+    results = {"teacher": dict(knn_top1=knn(teacher.backbone), agreement=1.0)}
     for st in students:
-        results[f"{st.name} (EMA)"] = dict(knn_top1=knn_eval(st.ema.backbone, cfg, device, autocast),
+        results[f"{st.name} (EMA)"] = dict(knn_top1=knn(st.ema.backbone),
                                            agreement=similarity_agreement(st.ema.backbone, teacher.backbone, probe))
     return results
 

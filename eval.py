@@ -21,7 +21,7 @@ What it reaches (Fashion-MNIST test set): `python train.py` (tiny preset, 1,000 
 (k=20; 55.7% for the same network at init), linear 75.1%; the PCA picture is assets/pca_example.png.
 
 Paper (arXiv 2304.07193) -> code
-    Sec. 6.1 Table 1 k-NN column (DINO protocol: k in {10,20,100,200}, T=0.07) -> run_knn (votes: train.knn_classify)
+    Sec. 6.1 Table 1 k-NN column (DINO protocol: k in {10,20,100,200}, T=0.07) -> run_knn (votes: data.knn_classify)
     Sec. 7.1 Table 4 linear probe; App. B.3 grid over blocks x avgpool x lr   -> linear_features, linear_inputs,
                                                                                train_linear_grid, run_linear
     Sec. 7.3 Table 9 instance recognition; Sec. 3 copy detection for dedup;
@@ -57,8 +57,8 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from data import MapDataset, build_dataset, eval_transform, extract_features, knn_classify, normalize, resize
 from model import load_model
-from train import MapDataset, build_dataset, eval_transform, extract_features, knn_classify, normalize, resize
 
 
 # ---------------------------------------------------------------------------------------------------------------

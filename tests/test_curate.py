@@ -257,7 +257,7 @@ def pixel_embedding(images):
 
 
 def test_fashion_mnist_dedup_precision_recall_and_retrieval_purity(fashion_mnist_dir):
-    from train import FashionMNIST
+    from data import FashionMNIST
     rng = np.random.default_rng(0)
     train, test = FashionMNIST(str(fashion_mnist_dir), train=True), FashionMNIST(str(fashion_mnist_dir), train=False)
     n, m = 3000, 300
@@ -306,7 +306,7 @@ def write_pngs(folder, images, labels, start=0):
 
 
 def test_cli_run_on_image_folders(fashion_mnist_dir, tmp_path):
-    from train import FashionMNIST
+    from data import FashionMNIST
     data = FashionMNIST(str(fashion_mnist_dir), train=False)
     imgs, labels = data.images[:160], data.labels[:160]
     write_pngs(tmp_path / "pool", imgs[:120], labels[:120])
@@ -344,7 +344,7 @@ def test_cli_run_on_image_folders(fashion_mnist_dir, tmp_path):
 
 
 def test_embed_sharded_over_two_torchrun_ranks_matches_one_process(fashion_mnist_dir, tmp_path):
-    from train import FashionMNIST
+    from data import FashionMNIST
     data = FashionMNIST(str(fashion_mnist_dir), train=False)
     write_pngs(tmp_path / "imgs", data.images[:101], data.labels[:101])  # odd count: unequal shards
     args = ["embed", "--preset", "tiny", "--pool", str(tmp_path / "imgs")]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import distill
 import train
 from model import load_model
@@ -53,8 +54,8 @@ class Images(torch.utils.data.Dataset):
 def test_teacher_frozen_students_learn_one_teacher_pass(tmp_path):
     teacher_path, teacher_sd = save_teacher(tmp_path)
     cfg = tiny_cfg(tmp_path, teacher=teacher_path, students="vit_tiny_d2,vit_mini")
-    data = Images()
-    probe = torch.stack([train.eval_transform(data[i][0], 28) for i in range(64)])
+    images = Images()
+    probe = torch.stack([data.eval_transform(images[i][0], 28) for i in range(64)])
     teacher0, _ = distill.load_teacher(teacher_path)
     students0 = [distill.build_student(cfg, n, 64, torch.device("cpu")) for n in ("vit_tiny_d2", "vit_mini")]
     before = [distill.similarity_agreement(s.ema.backbone, teacher0.backbone, probe) for s in students0]
@@ -63,7 +64,7 @@ def test_teacher_frozen_students_learn_one_teacher_pass(tmp_path):
     orig = train.DinoV2.teacher_logits
     train.DinoV2.teacher_logits = lambda self, *a, **k: calls.append(1) or orig(self, *a, **k)
     try:
-        teacher, students = distill.distill(cfg, dataset=data)
+        teacher, students = distill.distill(cfg, dataset=images)
     finally:
         train.DinoV2.teacher_logits = orig
     assert len(calls) == cfg.total_iters  # one teacher pass per step, shared by both students
@@ -88,12 +89,12 @@ def test_teacher_frozen_students_learn_one_teacher_pass(tmp_path):
 
 def test_resume_equals_uninterrupted(tmp_path):
     teacher_path, _ = save_teacher(tmp_path)
-    data = Images(64)
+    images = Images(64)
     full = tiny_cfg(tmp_path, teacher=teacher_path, students="vit_mini", total_iters=6, output_dir=str(tmp_path / "a"))
-    _, [a] = distill.distill(full, dataset=data)
+    _, [a] = distill.distill(full, dataset=images)
     part = dataclasses.replace(full, output_dir=str(tmp_path / "b"), stop_after=3)
-    distill.distill(part, dataset=data)
-    _, [b] = distill.distill(dataclasses.replace(part, stop_after=0, resume=True), dataset=data)
+    distill.distill(part, dataset=images)
+    _, [b] = distill.distill(dataclasses.replace(part, stop_after=0, resume=True), dataset=images)
     for (k, va), vb in zip(a.ema.state_dict().items(), b.ema.state_dict().values()):
         torch.testing.assert_close(va, vb, rtol=0, atol=1e-6, msg=k)
 
@@ -131,8 +132,8 @@ def test_fashion_mnist_student_reaches_95_percent_of_teacher(tmp_path, fashion_m
     teacher0, _ = distill.load_teacher(cfg.teacher)
     student0 = distill.build_student(cfg, "vit_tiny_d2", teacher0.dino_head.last_layer.weight_v.shape[0],
                                      torch.device("cpu"))
-    test_set = train.build_dataset(cfg.data, train=False)
-    probe = torch.stack([train.eval_transform(test_set[i][0], 28) for i in range(256)])
+    test_set = data.build_dataset(cfg.data, train=False)
+    probe = torch.stack([data.eval_transform(test_set[i][0], 28) for i in range(256)])
     agreement0 = distill.similarity_agreement(student0.ema.backbone, teacher0.backbone, probe)
     teacher, [student] = distill.distill(cfg)
     results = distill.report(cfg, teacher, [student], torch.device("cpu"))

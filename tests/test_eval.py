@@ -16,7 +16,7 @@ from PIL import Image
 
 import eval as ev
 from model import DinoVisionTransformer
-from train import eval_transform, extract_features, knn_classify
+from data import eval_transform, extract_features, knn_classify
 
 OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")
 
@@ -58,7 +58,7 @@ def save_train_checkpoint(model_args, state_dict, path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# k-NN (the votes live in train.knn_classify; eval.py reports them)
+# k-NN (the votes live in data.knn_classify; eval.py reports them)
 # ---------------------------------------------------------------------------------------------------------------
 def test_knn_well_separated_clusters_are_perfect():
     g = torch.Generator().manual_seed(0)

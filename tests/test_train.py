@@ -4,16 +4,21 @@ checkpoints, and 1 rank vs 2 ranks (DDP and FSDP2 over gloo). Tiny models on CPU
 Run: python -m pytest -q tests/test_train.py      (about a minute or two on 2 cores)
 """
 import colorsys
+import gzip
 import json
 import os
 import signal
 import socket
+import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+import data as D
 import model as M
 import train as T
 
@@ -40,7 +45,7 @@ def random_images(n=32, size=20, seed=0):
 
 
 def make_batch(items, cfg, seed):
-    collate = T.MultiCropCollate(cfg.global_crop_size, cfg.local_crop_size, cfg.n_local_crops, cfg.patch_size)
+    collate = D.MultiCropCollate(cfg.global_crop_size, cfg.local_crop_size, cfg.n_local_crops, cfg.patch_size)
     return collate([(img, label, seed) for img, label in items])
 
 
@@ -49,12 +54,12 @@ def make_batch(items, cfg, seed):
 # ---------------------------------------------------------------------------------------------------------------
 def test_multicrop_shapes_ranges_and_determinism():
     images = [(torch.rand(3, 20 + 3 * i, 30 - 2 * i), i) for i in range(6)]  # folder images differ in size
-    collate = T.MultiCropCollate(global_size=16, local_size=8, n_local=3, patch_size=4)
+    collate = D.MultiCropCollate(global_size=16, local_size=8, n_local=3, patch_size=4)
     batch = collate([(img, label, 7) for img, label in images])
     assert batch["global_crops"].shape == (12, 3, 16, 16) and batch["local_crops"].shape == (18, 3, 8, 8)
     assert batch["masks"].shape == (12, 16) and batch["masks"].dtype == torch.bool
     assert batch["mask_weights"].shape == (int(batch["masks"].sum()),) and batch["labels"].tolist() == list(range(6))
-    mean, std = torch.tensor(T.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(T.IMAGENET_STD).view(3, 1, 1)
+    mean, std = torch.tensor(D.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(D.IMAGENET_STD).view(3, 1, 1)
     for key in ("global_crops", "local_crops"):
         pixels = batch[key] * std + mean  # undo the normalisation: back in [0, 1]
         assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
@@ -67,29 +72,29 @@ def test_multicrop_shapes_ranges_and_determinism():
 def test_colour_ops_match_reference():
     x = torch.rand(4, 3, 5, 5)
     shift = torch.tensor([0.0, 0.1, -0.1, 0.05])
-    out = T.adjust_hue(x.clone(), shift)
+    out = D.adjust_hue(x.clone(), shift)
     for b in range(4):
         for i, j in ((0, 0), (2, 3), (4, 1)):
             h, s, v = colorsys.rgb_to_hsv(*x[b, :, i, j].tolist())
             expected = colorsys.hsv_to_rgb((h + shift[b].item()) % 1.0, s, v)
             assert torch.allclose(out[b, :, i, j], torch.tensor(expected), atol=1e-5)
     g = torch.Generator().manual_seed(0)
-    solarized = T.solarize(torch.tensor([0.2, 0.6]).view(1, 2, 1, 1).repeat(2, 1, 1, 1), g, p=1.0)
+    solarized = D.solarize(torch.tensor([0.2, 0.6]).view(1, 2, 1, 1).repeat(2, 1, 1, 1), g, p=1.0)
     assert torch.allclose(solarized.flatten(), torch.tensor([0.2, 0.4, 0.2, 0.4]))  # >= 128/255 inverted
-    blurred = T.gaussian_blur(torch.full((2, 3, 12, 12), 0.3), g, p=1.0)  # a constant image stays constant
+    blurred = D.gaussian_blur(torch.full((2, 3, 12, 12), 0.3), g, p=1.0)  # a constant image stays constant
     assert torch.allclose(blurred, torch.full_like(blurred, 0.3), atol=1e-6)
 
 
 def test_masks_have_the_asked_ratios():
     rng, grid, n_crops = np.random.default_rng(0), 14, 200
-    masks = T.sample_masks(rng, n_crops, grid, ratio=(0.1, 0.5), probability=0.5)
+    masks = D.sample_masks(rng, n_crops, grid, ratio=(0.1, 0.5), probability=0.5)
     counts = masks.sum(dim=1).float() / grid ** 2  # masked fraction of each crop
     assert masks.shape == (n_crops, grid * grid) and (counts > 0).sum() == 100  # exactly half are masked
     masked = counts[counts > 0].sort().values
     assert masked.max() <= 0.5 and masked.min() >= 0.05  # BEiT masking may fall a little short of 0.1, never above
     # the targets are spread uniformly over [0.1, 0.5]: the sorted ratios follow the linspace closely
     assert torch.allclose(masked, torch.linspace(0.1, 0.5, 100), atol=0.06)
-    block = T.block_mask(rng, grid, 60)
+    block = D.block_mask(rng, grid, 60)
     assert 50 <= block.sum() <= 60
 
 
@@ -283,7 +288,7 @@ def test_resume_is_bit_exact_and_checkpoint_layout(tmp_path):
     assert ckpt_a["config"]["total_iters"] == 6 and ckpt_a["step"] == 6
     assert {k.split(".")[0] for k in ckpt_a["teacher"]} == {"backbone", "dino_head", "ibot_head"}
     # d: preempted by SIGUSR1 while loading iteration 2's batch, resumed: same result again
-    sampler = iter(T.StepBatchSampler(24, 8, seed=0))
+    sampler = iter(D.StepBatchSampler(24, 8, seed=0))
     next(sampler)
     first_of_step_2 = next(sampler)[0][0]
     T.train(tiny_cfg(tmp_path / "d", **common), dataset=SignalAt(items, at=first_of_step_2))
@@ -370,3 +375,40 @@ def test_two_ranks_match_one_rank(tmp_path):
     moved = [name for name, p in student.state_dict().items()
              if not torch.equal(p, run_steps(cfg, [])[0].state_dict()[name])]
     assert len(moved) > 10  # the comparison is not vacuous
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+def write_idx(path, arr):
+    arr = np.asarray(arr, dtype=np.uint8)
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape) + arr.tobytes())
+
+
+def test_command_line_trains_and_reports_knn(tmp_path):
+    """`python train.py` end to end on a 64-image dataset in Fashion-MNIST's IDX format (the demo's code path)."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("t10k", 32)):
+        labels = np.arange(n) % 4
+        images = rng.integers(0, 60, (n, 28, 28)) + (labels[:, None, None] * 50)  # a learnable class signal
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", labels)
+    out = subprocess.run([sys.executable, "train.py", "--data", str(tmp_path), "--output_dir", str(tmp_path / "run"),
+                          "--total_iters", "3", "--batch_size", "16", "--num_workers", "0"],
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert '"arch": "vit_tiny"' in out.stdout and '"accumulation_steps": 1' in out.stdout  # resolved config printed
+    assert "teacher k-NN (k=20, T=0.07) top-1" in out.stdout
+    assert (tmp_path / "run" / "teacher_backbone.pth").exists() and (tmp_path / "run" / "teacher_backbone.json").exists()
+    bad = subprocess.run([sys.executable, "train.py", "--no_such_flag", "1"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert bad.returncode != 0 and "unrecognized arguments" in bad.stderr
+
+
+@pytest.mark.slow
+def test_bench_prints_throughput_and_memory(capsys):
+    T.bench(CPU, steps=1)
+    out = capsys.readouterr().out
+    assert out.count("images/s") == 4 and "ViT-S/14" in out and "peak memory" in out

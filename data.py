@@ -1,0 +1,473 @@
+"""Data for DINOv2: datasets, multi-crop augmentation, iBOT block masks, and the k-NN monitor (arXiv 2304.07193).
+
+Everything here is shared by the later stages: train.py and distill.py build their batches with MultiCropCollate,
+eval.py and curate.py read images with build_dataset and embed them with extract_features, and training is
+monitored with the same weighted k-NN (knn_classify) that eval.py reports.
+
+Run:
+    python data.py                  # a look at one training batch of the tiny preset: shapes, ranges, mask ratios
+
+Paper -> code
+  Sec. 4 / App. B multi-crop augmentation (2 global, 8 local crops) .. MultiCropCollate, augment_crops
+  App. B colour jitter, grayscale, blur, solarisation ................ color_jitter, random_grayscale,
+                                                                        gaussian_blur, solarize
+  Sec. 4 patch-level objective (iBOT): block masking ................. block_mask, sample_masks
+  Sec. 7 evaluation transform (resize, centre crop, normalise) ....... eval_transform
+  DINO v1 weighted k-NN (k=20, T=0.07), used in Sec. 7 tables ........ extract_features, knn_classify
+  Data order and augmentation randomness as functions of the step .... StepBatchSampler, SeededItems (exact resume)
+
+Datasets: Fashion-MNIST from its IDX files (Debian package dataset-fashion-mnist), or any folder of images
+(recursive; class sub-folders used only for evaluation; unreadable images skipped and counted).
+
+Shape legend: B batch, N patches per crop, C classes, G / L global / local crop size in pixels.
+"""
+import gzip
+import multiprocessing
+import os
+import struct
+import warnings
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: datasets, evaluation transform, feature extraction and the k-NN monitor
+# ---------------------------------------------------------------------------------------------------------------
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist package puts it
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def _read_idx(path):
+    """Read one IDX file (LeCun's MNIST format, optionally gzipped) into a numpy array."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    _, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    assert dtype_code == 0x08, f"{path}: only uint8 IDX files are supported"
+    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()  # writable
+
+
+def _find_idx(root, name):
+    for candidate in (name + ".gz", name):
+        if os.path.exists(os.path.join(root, candidate)):
+            return os.path.join(root, candidate)
+    raise FileNotFoundError(
+        f"Fashion-MNIST file {name}(.gz) not found in {root}. Install it with "
+        f"`apt-get install dataset-fashion-mnist` (puts it in {FASHION_MNIST_DIR}) or pass --data <folder>.")
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST from its IDX files: item -> (float32 [3,28,28] in [0,1], grey repeated to 3 channels; label)."""
+    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+    def __init__(self, root=FASHION_MNIST_DIR, train=True):
+        prefix = "train" if train else "t10k"
+        self.images = _read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))  # uint8 [N,28,28]
+        self.labels = _read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)  # [N]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        img = torch.from_numpy(self.images[i].astype(np.float32) / 255.0)  # [28,28]
+        return img.unsqueeze(0).repeat(3, 1, 1), int(self.labels[i])  # [3,28,28]
+
+
+class ImageFolder(Dataset):
+    """All images under `root` (recursive). Class = first-level sub-folder (sorted); -1 for images at the top level.
+
+    A corrupt or unreadable image is skipped (the next readable image is returned instead, with its own label),
+    counted in `n_corrupt` (shared by DataLoader workers) and warned about once, so an epoch never crashes.
+    """
+
+    def __init__(self, root):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder {root!r} does not exist (pass --data <folder of images> "
+                                    f"or --data fashion-mnist)")
+        self.root = root
+        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+        class_index = {c: i for i, c in enumerate(self.classes)}
+        self.paths, labels = [], []
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            dirnames.sort()
+            rel = os.path.relpath(dirpath, root)
+            label = -1 if rel == "." else class_index.get(rel.split(os.sep)[0], -1)
+            for name in sorted(filenames):
+                if name.lower().endswith(IMAGE_EXTENSIONS):
+                    self.paths.append(os.path.join(dirpath, name))
+                    labels.append(label)
+        if not self.paths:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root!r}")
+        self.labels = np.array(labels, dtype=np.int64)
+        self._n_corrupt = multiprocessing.Value("i", 0)  # shared memory: counts from DataLoader workers add up
+
+    @property
+    def n_corrupt(self):
+        return self._n_corrupt.value
+
+    def __len__(self):
+        return len(self.paths)
+
+    def load(self, i):
+        from PIL import Image  # third party, only needed for image folders
+        with Image.open(self.paths[i]) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0  # [H,W,3]
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # [3,H,W]
+
+    def __getitem__(self, i):
+        for j in range(len(self)):
+            k = (i + j) % len(self)
+            try:
+                return self.load(k), int(self.labels[k])
+            except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+                with self._n_corrupt.get_lock():
+                    self._n_corrupt.value += 1
+                warnings.warn(f"skipping unreadable image {self.paths[k]}: {e}")
+        raise RuntimeError(f"no readable image in {self.root}")
+
+
+def build_dataset(data, train=True):
+    """"fashion-mnist" or a folder holding its IDX files -> FashionMNIST; any other folder -> ImageFolder.
+
+    For image folders with `train/` and `val/` (or `test/`) sub-folders (ImageNet layout) the split is picked.
+    """
+    if data == "fashion-mnist":
+        return FashionMNIST(FASHION_MNIST_DIR, train=train)
+    if os.path.isdir(data) and any(n.startswith("train-images-idx3-ubyte") for n in os.listdir(data)):
+        return FashionMNIST(data, train=train)
+    for split in (("train",) if train else ("val", "test")):
+        if os.path.isdir(os.path.join(data, split)):
+            return ImageFolder(os.path.join(data, split))
+    return ImageFolder(data)
+
+
+def normalize(img):
+    """ImageNet mean/std normalisation of [..., 3, H, W] images in [0,1]."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=img.dtype, device=img.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=img.dtype, device=img.device).view(3, 1, 1)
+    return (img - mean) / std
+
+
+def resize(img, size):
+    """Bicubic (antialiased) resize of [3,H,W] or [B,3,H,W] to size=(h, w), clamped back to [0,1]."""
+    x = img if img.dim() == 4 else img.unsqueeze(0)
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp_(0, 1)
+    return x if img.dim() == 4 else x[0]
+
+
+def eval_transform(img, size):
+    """[3,H,W] float in [0,1] -> [3,size,size] normalised. The usual ImageNet protocol (resize the shorter side to
+    size/0.875, centre crop) except for small images (both sides <= size, e.g. Fashion-MNIST), resized directly."""
+    h, w = img.shape[-2:]
+    if h <= size and w <= size:
+        return normalize(resize(img, (size, size)))
+    short = int(round(size / 0.875))
+    img = resize(img, (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short))
+    h, w = img.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return normalize(img[:, top:top + size, left:left + size])
+
+
+class MapDataset(Dataset):
+    """Apply `fn` to the image of each (image, label) item (inside DataLoader workers)."""
+
+    def __init__(self, dataset, fn):
+        self.dataset, self.fn = dataset, fn
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        img, label = self.dataset[i]
+        return self.fn(img), label
+
+
+@torch.no_grad()
+def extract_features(backbone, dataset, image_size, batch_size=256, device="cpu", num_workers=0):
+    """-> (feats float32 [N,D] L2-normalised class tokens (x_norm_clstoken), labels int64 [N]) on the CPU."""
+    was_training = backbone.training
+    backbone.eval()
+    loader = DataLoader(MapDataset(dataset, partial(eval_transform, size=image_size)), batch_size=batch_size,
+                        shuffle=False, num_workers=num_workers)
+    feats, labels = [], []
+    for x, y in tqdm(loader, desc="features", leave=False, disable=len(loader) < 2):
+        f = backbone(x.to(device, non_blocking=True))  # [B,D]
+        feats.append(F.normalize(f.float(), dim=-1).cpu())
+        labels.append(y)
+    backbone.train(was_training)
+    return torch.cat(feats), torch.cat(labels).long()
+
+
+@torch.no_grad()
+def knn_classify(train_feats, train_labels, test_feats, test_labels, ks=(20,), temperature=0.07, chunk=1024):
+    """Weighted k-NN (DINO v1 eval_knn): cosine similarity to every training feature, the k nearest vote for their
+    class with weight softmax(sim / T). Features must be L2-normalised. -> {k: {"top1": %, "top5": %}}."""
+    n_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    correct = {k: [0, 0] for k in ks}
+    for i in range(0, len(test_feats), chunk):
+        sim = test_feats[i:i + chunk] @ train_feats.T  # [B,Ntrain]
+        top_sim, top_idx = sim.topk(max(ks), dim=1)  # [B,kmax]
+        top_labels = train_labels[top_idx]  # [B,kmax]
+        target = test_labels[i:i + chunk]
+        for k in ks:
+            votes = torch.softmax(top_sim[:, :k] / temperature, dim=1)  # [B,k]
+            scores = torch.zeros(len(target), n_classes).scatter_add_(1, top_labels[:, :k], votes)  # [B,C]
+            pred = scores.topk(min(5, n_classes), dim=1).indices  # [B,5]
+            correct[k][0] += (pred[:, 0] == target).sum().item()
+            correct[k][1] += (pred == target[:, None]).any(dim=1).sum().item()
+    n = len(test_feats)
+    return {k: {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n} for k, (c1, c5) in correct.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multi-crop augmentation (Sec. 4 and App. B; DINO v1 Sec. 3.1) and iBOT block masking, batched in torch
+# ---------------------------------------------------------------------------------------------------------------
+# The whole pipeline runs in the DataLoader's collate function on a batch of images, so it runs in the worker
+# processes (num_workers > 0) or in the main process (num_workers = 0) with one code path. Only the random
+# resized crop is per image (images of a folder differ in size); every colour op is one tensor op on the batch.
+# Randomness comes from a generator seeded by (seed, micro-step, rank): a batch's augmentations do not depend on
+# the number of workers, and resuming at a step reproduces them exactly.
+def sample_crop_boxes(rng, heights, widths, scale, ratio=(3 / 4, 4 / 3), attempts=10):
+    """torchvision RandomResizedCrop.get_params for B images at once -> int arrays top, left, h, w [B]."""
+    B = len(heights)
+    area = heights * widths * rng.uniform(scale[0], scale[1], (attempts, B))  # [attempts,B]
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), (attempts, B)))
+    w, h = np.round(np.sqrt(area * aspect)).astype(int), np.round(np.sqrt(area / aspect)).astype(int)
+    ok = (w > 0) & (h > 0) & (w <= widths) & (h <= heights)
+    first = ok.argmax(axis=0)  # first valid attempt per image
+    h, w = h[first, np.arange(B)], w[first, np.arange(B)]
+    fallback = ~ok.any(axis=0)  # torchvision falls back to the whole image, aspect ratio clamped
+    side = np.minimum(heights, widths)
+    h, w = np.where(fallback, np.where(heights / widths > ratio[1], side, heights), h), \
+        np.where(fallback, np.where(widths / heights > ratio[1], side, widths), w)
+    top = (rng.random(B) * (heights - h + 1)).astype(int)
+    left = (rng.random(B) * (widths - w + 1)).astype(int)
+    return top, left, h, w
+
+
+def gray(x):
+    """ITU-R 601 luma of [B,3,H,W] -> [B,1,H,W] (torchvision rgb_to_grayscale)."""
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def adjust_hue(x, shift):
+    """Rotate the hue of [B,3,H,W] by shift [B] (fraction of a turn): RGB -> HSV -> RGB as torchvision does."""
+    maxc, minc = x.max(dim=1).values, x.min(dim=1).values  # [B,H,W]
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    r, g, b = ((maxc.unsqueeze(1) - x) / safe.unsqueeze(1)).unbind(1)
+    hue = torch.where(maxc == x[:, 0], b - g, torch.where(maxc == x[:, 1], 2.0 + r - b, 4.0 + g - r))
+    hue = torch.where(delta > 0, hue / 6.0 % 1.0, torch.zeros_like(hue))
+    sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    hue = (hue + shift.view(-1, 1, 1)) % 1.0
+    k = (torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1) + hue.unsqueeze(1) * 6.0) % 6.0  # [B,3,H,W]
+    return maxc.unsqueeze(1) * (1 - sat.unsqueeze(1) * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0))
+
+
+def color_jitter(x, gen, p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
+    """RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), p=0.8) (App. B): each image gets its own factors and its own
+    random order of the four operations, as torchvision draws them per image."""
+    B = x.shape[0]
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand(B, generator=gen)
+    factors = [u(1 - brightness, 1 + brightness), u(1 - contrast, 1 + contrast),
+               u(1 - saturation, 1 + saturation), u(-hue, hue)]
+    order = torch.argsort(torch.rand(B, 4, generator=gen), dim=1)  # [B,4] a random permutation per image
+    applied = torch.rand(B, generator=gen) < p
+    blend = lambda img, other, f: (f.view(-1, 1, 1, 1) * img + (1 - f.view(-1, 1, 1, 1)) * other).clamp(0, 1)
+    ops = [lambda img, f: (img * f.view(-1, 1, 1, 1)).clamp(0, 1),  # brightness
+           lambda img, f: blend(img, gray(img).mean(dim=(1, 2, 3), keepdim=True), f),  # contrast
+           lambda img, f: blend(img, gray(img), f),  # saturation
+           adjust_hue]
+    for position in range(4):
+        for op_index, op in enumerate(ops):
+            idx = (applied & (order[:, position] == op_index)).nonzero().flatten()
+            if len(idx):
+                x[idx] = op(x[idx], factors[op_index][idx])
+    return x
+
+
+def random_grayscale(x, gen, p=0.2):
+    idx = (torch.rand(x.shape[0], generator=gen) < p).nonzero().flatten()
+    x[idx] = gray(x[idx]).expand(-1, 3, -1, -1)
+    return x
+
+
+def gaussian_blur(x, gen, p, sigma=(0.1, 2.0), kernel_size=9):
+    """RandomApply(GaussianBlur(kernel 9, sigma ~ U(0.1, 2)), p) with reflect padding, as torchvision."""
+    idx = (torch.rand(x.shape[0], generator=gen) < p).nonzero().flatten()
+    s = sigma[0] + (sigma[1] - sigma[0]) * torch.rand(x.shape[0], generator=gen)  # drawn for all: fixed RNG use
+    if len(idx) == 0:
+        return x
+    B, C, H, W = len(idx), *x.shape[1:]
+    t = torch.linspace(-(kernel_size // 2), kernel_size // 2, kernel_size)
+    kernel = torch.softmax(-0.5 * (t / s[idx].view(-1, 1)) ** 2, dim=1)  # [B,9] = normalised Gaussian
+    kernel = kernel.repeat_interleave(C, dim=0)  # [B*C,9]: one depthwise filter per image channel
+    pad = kernel_size // 2
+    y = F.pad(x[idx].reshape(1, B * C, H, W), (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, kernel.view(B * C, 1, kernel_size, 1), groups=B * C)  # vertical pass
+    y = F.conv2d(y, kernel.view(B * C, 1, 1, kernel_size), groups=B * C)  # horizontal pass
+    x[idx] = y.view(B, C, H, W)
+    return x
+
+
+def solarize(x, gen, p=0.2, threshold=128 / 255):
+    idx = (torch.rand(x.shape[0], generator=gen) < p).nonzero().flatten()
+    x[idx] = torch.where(x[idx] >= threshold, 1.0 - x[idx], x[idx])
+    return x
+
+
+def augment_crops(images, rng, gen, size, scale, blur_p, solarize_p=0.0, blur_sigma=(0.1, 2.0)):
+    """One crop of each image: random resized crop (bicubic) + flip + colour jitter + grayscale + blur
+    (+ solarize) + normalise. images: list of [3,H,W] in [0,1] -> [B,3,size,size]."""
+    heights = np.array([im.shape[1] for im in images])
+    widths = np.array([im.shape[2] for im in images])
+    top, left, h, w = sample_crop_boxes(rng, heights, widths, scale)
+    x = torch.cat([resize(im[:, t:t + hh, l:l + ww].unsqueeze(0), (size, size))
+                   for im, t, l, hh, ww in zip(images, top, left, h, w)])  # [B,3,size,size]
+    flip = torch.rand(len(images), generator=gen) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    x = random_grayscale(color_jitter(x, gen), gen)
+    x = gaussian_blur(x, gen, blur_p, blur_sigma)
+    if solarize_p > 0:
+        x = solarize(x, gen, solarize_p)
+    return normalize(x)
+
+
+def block_mask(rng, grid, n_target, min_patches=4, min_aspect=0.3, attempts=10):
+    """BEiT/iBOT block-wise mask (official MaskingGenerator): add random rectangles of >= 4 patches with aspect
+    in [0.3, 1/0.3] until about n_target patches are masked (never more). -> bool [grid, grid]."""
+    mask = np.zeros((grid, grid), dtype=bool)
+    max_block = int(0.5 * grid * grid)  # official max_num_patches = 0.5 * N
+    log_aspect = (np.log(min_aspect), np.log(1 / min_aspect))
+    while mask.sum() < n_target:
+        budget, added = min(n_target - mask.sum(), max_block), 0
+        for _ in range(attempts):
+            area = min_patches + (budget - min_patches) * rng.random()  # random.uniform: budget may be < 4
+            aspect = np.exp(rng.uniform(*log_aspect))
+            h, w = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+            if w < grid and h < grid:
+                top, left = rng.integers(0, grid - h + 1), rng.integers(0, grid - w + 1)
+                new = h * w - mask[top:top + h, left:left + w].sum()
+                if 0 < new <= budget:
+                    mask[top:top + h, left:left + w] = True
+                    added = new
+                    break
+        if added == 0:
+            break
+    return mask
+
+
+def sample_masks(rng, n_crops, grid, ratio=(0.1, 0.5), probability=0.5):
+    """Masks for n_crops global crops (Sec. 4 / iBOT): a fraction `probability` of them is masked, with target
+    ratios spread uniformly over `ratio` across the batch (one sub-interval of linspace each), then shuffled.
+    -> bool [n_crops, grid*grid] (True = masked, row-major)."""
+    n_masked = int(n_crops * probability)
+    bounds = np.linspace(ratio[0], ratio[1], n_masked + 1)
+    N = grid * grid
+    masks = [block_mask(rng, grid, int(N * rng.uniform(bounds[i], bounds[i + 1]))) for i in range(n_masked)]
+    masks += [np.zeros((grid, grid), dtype=bool)] * (n_crops - n_masked)
+    return torch.from_numpy(np.stack([masks[i] for i in rng.permutation(n_crops)]).reshape(n_crops, N))
+
+
+class MultiCropCollate:
+    """Collate (image, label, seed) items into a training batch (Sec. 4, App. B):
+        global_crops [2B,3,G,G] (crop-major: first crop of every image, then the second), local_crops [nB,3,L,L],
+        masks bool [2B,N] and mask_weights [M] (1 / #masked of the token's image, for ibot_loss), labels [B].
+    Blur probabilities 1.0 / 0.1 / 0.5 (global 1, global 2, locals) are the paper's; the official code applies
+    0.0 / 0.9 / 0.5, because its GaussianBlur passes p=1-p to RandomApply (github.com/facebookresearch/dinov2
+    PR #411). Solarisation p=0.2 on the second global crop only."""
+
+    def __init__(self, global_size, local_size, n_local, patch_size, global_scale=(0.32, 1.0),
+                 local_scale=(0.05, 0.32), mask_ratio=(0.1, 0.5), mask_probability=0.5, blur_sigma=(0.1, 2.0)):
+        self.global_size, self.local_size, self.n_local, self.patch_size = global_size, local_size, n_local, patch_size
+        self.global_scale, self.local_scale, self.blur_sigma = global_scale, local_scale, blur_sigma
+        self.mask_ratio, self.mask_probability = mask_ratio, mask_probability
+
+    def __call__(self, items):
+        images, labels, seeds = zip(*items)
+        rng = np.random.default_rng(seeds[0])  # the sampler gives every item of a batch the same seed
+        gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+        G, L = self.global_size, self.local_size
+        crop = partial(augment_crops, images, rng, gen, blur_sigma=self.blur_sigma)
+        global_crops = torch.cat([crop(G, self.global_scale, blur_p=1.0), crop(G, self.global_scale, 0.1, 0.2)])
+        local_crops = [crop(L, self.local_scale, blur_p=0.5) for _ in range(self.n_local)]
+        local_crops = torch.cat(local_crops) if local_crops else torch.empty(0, 3, L, L)
+        masks = sample_masks(rng, len(global_crops), G // self.patch_size, self.mask_ratio, self.mask_probability)
+        n_masked = masks.sum(dim=1, keepdim=True).clamp(min=1)  # [2B,1]
+        mask_weights = (1.0 / n_masked).expand_as(masks)[masks]  # [M]
+        return dict(global_crops=global_crops, local_crops=local_crops, masks=masks, mask_weights=mask_weights,
+                    labels=torch.tensor(labels))
+
+
+class SeededItems(Dataset):
+    """Items keyed by (index, seed): -> (image, label, seed), so the collate function can seed its generator."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        img, label = self.dataset[index]
+        return img, label, seed
+
+
+class StepBatchSampler:
+    """Infinite sampler of micro-batches for one rank, a pure function of (seed, micro-step), so resuming at a
+    step needs no state: epoch e shuffles the data with a generator seeded by (seed, e); micro-step s of that
+    epoch takes a slice of world * batch images and this rank takes its part. Yields [(index, batch_seed)]."""
+
+    def __init__(self, n, batch_size, seed, rank=0, world_size=1, start=0):
+        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+        self.start = start
+        self.steps_per_epoch = n // (batch_size * world_size)  # drop the last incomplete global batch
+        assert self.steps_per_epoch > 0, f"{n} images cannot fill one global batch of {batch_size * world_size}"
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            epoch, i = divmod(step, self.steps_per_epoch)
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            first = (i * self.world_size + self.rank) * self.batch_size
+            batch_seed = int(np.random.SeedSequence([self.seed, step, self.rank]).generate_state(1)[0])
+            yield [(int(j), batch_seed) for j in order[first:first + self.batch_size]]
+            step += 1
+
+
+def labelled_splits(data):
+    """(train, held-out) datasets when `data` has labels and a held-out split (Fashion-MNIST's test set, or the
+    val/ or test/ folder of an image folder with class sub-folders), else None."""
+    train_set, test_set = build_dataset(data, train=True), build_dataset(data, train=False)
+    if isinstance(test_set, ImageFolder) and (test_set.root == train_set.root or (test_set.labels < 0).any()):
+        return None
+    return train_set, test_set
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A look at one batch
+# ---------------------------------------------------------------------------------------------------------------
+def main():
+    """Print the shapes, value ranges and mask ratios of one tiny-preset training batch of Fashion-MNIST."""
+    dataset = build_dataset("fashion-mnist")
+    collate = MultiCropCollate(global_size=28, local_size=12, n_local=4, patch_size=4)
+    batch = collate([(*dataset[i], 0) for i in range(16)])
+    for name, value in batch.items():
+        print(f"{name:13s} {str(tuple(value.shape)):18s} {value.dtype}  min {value.min().item():.3f}  "
+              f"max {value.max().item():.3f}")
+    print("masked fraction per global crop:", [round(r, 2) for r in batch["masks"].float().mean(1).tolist()])
+
+
+if __name__ == "__main__":
+    main()
