@@ -1,7 +1,7 @@
 """Tests of train.py: augmentation and masks, schedules, parameter groups, the training step, EMA, exact resume,
 checkpoints, and 1 rank vs 2 ranks (DDP and FSDP2 over gloo). Tiny models on CPU.
 
-Run: python -m pytest -q tests/test_train.py      (about a minute or two on 2 cores)
+Run: python -m pytest -q tests/test_train.py      (about a minute on 2 cores; RUN_SLOW=1 adds the benchmark)
 """
 import colorsys
 import gzip
