@@ -70,7 +70,7 @@ DISTILL_PRESETS = {
     # (train.ARCHS vit_tiny_d2, vit_mini) on the same crops and patch size.
     "tiny": {**{k: v for k, v in PRESETS["tiny"].items() if k not in ("arch", "n_prototypes", "output_dir")},
              "teacher": "runs/tiny/checkpoint.pth", "students": "vit_tiny_d2,vit_mini",
-             "output_dir": "runs/distill_tiny", "total_iters": 600, "warmup_iters": 60,
+             "output_dir": "runs/distill_tiny", "total_iters": 900, "warmup_iters": 90,
              "teacher_temp_warmup_iters": 0, "freeze_last_layer_iters": 0},
 }
 
