@@ -461,7 +461,7 @@ def labelled_splits(data):
 def main():
     """Print the shapes, value ranges and mask ratios of one tiny-preset training batch of Fashion-MNIST."""
     dataset = build_dataset("fashion-mnist")
-    collate = MultiCropCollate(global_size=28, local_size=12, n_local=4, patch_size=4)
+    collate = MultiCropCollate(global_size=28, local_size=14, n_local=4, patch_size=7)
     batch = collate([(*dataset[i], 0) for i in range(16)])
     for name, value in batch.items():
         print(f"{name:13s} {str(tuple(value.shape)):18s} {value.dtype}  min {value.min().item():.3f}  "

@@ -19,19 +19,18 @@ The dataclass defaults are the paper's (ViT-g/14, App. B); `python train.py` wit
 
 Paper -> code
   Sec. 4 image-level objective (DINO) ............... teacher_targets, student_loss (losses.dino_loss)
-  Sec. 4 patch-level objective (iBOT), masking ...... sample_masks, block_mask, DinoV2.forward (losses.ibot_loss)
+  Sec. 4 patch-level objective (iBOT), masking ...... data.sample_masks, DinoV2.forward (losses.ibot_loss)
   Sec. 4 untied DINO / iBOT heads ................... DinoV2, build_student_teacher
   Sec. 4 Sinkhorn-Knopp centering (or EMA centering)  teacher_targets; the loop updates the center once per step
   Sec. 4 KoLeo regularizer (weight 0.1) ............. student_loss (losses.koleo_loss)
   Sec. 4 adapting the resolution (518 px at the end)  crop_size_at, Config.highres_*
   Sec. 5 FSDP, mixed precision, activation ckpt ..... wrap_student, autocast_for
-  App. B multi-crop augmentation .................... MultiCropCollate, augment_crops (torch, no torchvision)
+  App. B multi-crop augmentation .................... data.MultiCropCollate (torch, no torchvision), make_loader
   App. B AdamW, lr/wd/momentum/temperature schedules  build_schedules, param_groups, set_hyperparameters
   App. B / Tab. 16 hyperparameters and model sizes .. Config, ARCHS, PRESETS
-  DINO v1 weighted k-NN evaluation .................. extract_features, knn_classify, knn_eval
+  DINO v1 weighted k-NN evaluation .................. knn_eval (data.extract_features, data.knn_classify)
 
-Data section (imported by eval.py, curate.py and distill.py): FASHION_MNIST_DIR, FashionMNIST, ImageFolder,
-build_dataset, eval_transform, extract_features, knn_classify.
+Datasets, augmentation, masks and the k-NN scorer live in data.py (shared with distill.py, eval.py, curate.py).
 Checkpoint (output_dir/checkpoint.pth, torch.load(weights_only=True) works): {"config", "model_args", "step",
 "student"/"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}, "optimizer", "scaler", "centers", "rng", "data"};
 at the end also teacher_backbone.pth (bare backbone, official keys) + teacher_backbone.json ({"model_args": ...}).
