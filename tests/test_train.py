@@ -418,6 +418,19 @@ def test_command_line_trains_and_reports_knn(tmp_path):
 
 
 @pytest.mark.slow
+def test_torch_compile_matches_eager(tmp_path):  # ~70 s of compilation on 2 cores
+    cfg = tiny_cfg(tmp_path, precision="fp32", koleo_loss_weight=0.0)  # KoLeo of a fresh net amplifies 1e-7 noise
+    batch = make_batch(random_images(8), cfg, seed=1)
+    eager, _, losses = run_steps(cfg, [batch] * 2)
+    cfg_c = tiny_cfg(tmp_path, precision="fp32", koleo_loss_weight=0.0, compile=True)
+    compiled, _, losses_c = run_steps(cfg_c, [batch] * 2, lambda s, t: T.wrap_student(s, t, cfg_c, CPU))
+    np.testing.assert_allclose(losses_c, losses, rtol=1e-5)
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # raw module: no "_orig_mod." prefixes
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
 def test_bench_prints_throughput_and_memory(capsys):
     T.bench(CPU, steps=1)
     out = capsys.readouterr().out
