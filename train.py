@@ -712,10 +712,11 @@ def train(cfg, dataset=None):
 # ---------------------------------------------------------------------------------------------------------------
 # Benchmark, baselines and main
 # ---------------------------------------------------------------------------------------------------------------
-def bench(device, steps=3):
+def bench(device, steps=5):
     """Images/s and peak memory of one training step (teacher + student forward/backward, AdamW, EMA) on random
     images: the tiny preset (its batch, 28-px images) and ViT-S/14 (batch 8, paper crops 2 x 224 + 8 x 98),
-    fp32 and bf16. Augmentation is timed separately (it runs in DataLoader workers during training)."""
+    fp32 and bf16. Medians of `steps` steps after a warm-up; CPU seconds are printed too, as they vary less than
+    wall time on a shared machine. Augmentation is timed separately (it runs in DataLoader workers)."""
     runs = (("tiny", "tiny", PRESETS["tiny"]["batch_size"], 28), ("ViT-S/14", "vit_s", 8, 224))
     for name, preset, batch, size in runs:
         for precision in ("fp32", "bf16"):
@@ -726,26 +727,28 @@ def bench(device, steps=3):
             student, teacher = student.to(device), teacher.to(device)
             optimizer = torch.optim.AdamW(param_groups(student, cfg), lr=1e-4)
             scaler, autocast = torch.amp.GradScaler(device.type, enabled=False), autocast_for(cfg, device)
-            images = [(torch.rand(3, size, size), 0, i) for i in range(batch)]
             collate = MultiCropCollate(size, cfg.local_crop_size, cfg.n_local_crops, cfg.patch_size)
+            images = [(torch.rand(3, size, size), 0, i) for i in range(batch)]
             t0 = time.perf_counter()
-            batch_cpu = collate(images)
+            batches = [batch_to(collate(images), device)]
             t_collate = time.perf_counter() - t0
-            batches = [batch_to(batch_cpu, device)]
-            times = []
+            wall, cpu = [], []
             for i in range(steps + 1):  # the first step warms up (allocations, kernel choices)
                 if i == 1:
                     reset_peak_memory(device)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 forward_backward(student, teacher, batches, 0.07, None, scaler, cfg, autocast)
                 optimizer_step(optimizer, scaler, student, i, cfg)
                 ema_update(teacher, student, 0.994)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-            t = float(np.median(times[1:]))
-            print(f"{name:9s} batch {batch:4d} {precision}: {batch / t:8.1f} images/s ({t:.3f} s/step), augmentation "
-                  f"{batch / t_collate:8.1f} images/s, peak memory {peak_memory_gb(device):.2f} GB", flush=True)
+                wall.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
+            t, c = float(np.median(wall[1:])), float(np.median(cpu[1:]))
+            print(f"{name:9s} batch {batch:4d} {precision}: {batch / t:7.1f} images/s ({t:.3f} s/step wall, {c:.3f} "
+                  f"s CPU), augmentation {batch / t_collate:7.1f} images/s, peak memory "
+                  f"{peak_memory_gb(device):.2f} GB", flush=True)
+            del student, teacher, optimizer, batches
 
 
 def knn_baselines(cfg, device):
