@@ -42,10 +42,10 @@ from data import build_dataset, eval_transform, labelled_splits
 from losses import is_dist, update_center
 from model import DINOHead, DinoVisionTransformer, backbone_state_dict, infer_model_args
 from train import (ARCHS, PRESETS, Config, DinoV2, StopSignal, atomic_save, autocast_for, backward_micro_batch,
-                   batch_to, build_schedules, build_student_teacher, config_from_args, config_parser, derived_values,
-                   ema_update, full_state_dicts, get_rank, knn_eval, make_loader, optimizer_step, param_groups, print0,
-                   rng_states, save_backbone, set_hyperparameters, set_rng_states, setup_distributed, step_seed,
-                   teacher_targets, wrap_student)
+                   batch_to, build_schedules, build_student_teacher, config_from_args, config_parser, ema_update,
+                   full_state_dicts, get_rank, knn_eval, make_loader, optimizer_step, param_groups, print0,
+                   rng_states, save_backbone, set_hyperparameters, set_rng_states, setup_distributed, start_run,
+                   step_seed, teacher_targets, wrap_student)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,11 +210,7 @@ def load_distill_checkpoint(path, students, device):
 # ---------------------------------------------------------------------------------------------------------------
 def distill(cfg, dataset=None):
     """Distil cfg.teacher into each of cfg.students -> (teacher, [Student]). `dataset` overrides cfg.data."""
-    rank, world_size = get_rank(), dist.get_world_size() if is_dist() else 1
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    d = derived_values(cfg, world_size)
-    print0(f"config: {json.dumps(asdict(cfg))}\nderived: {json.dumps(d)}")
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    rank, world_size, device, d = start_run(cfg)
     teacher, teacher_args = load_teacher(cfg.teacher)
     if teacher_args["patch_size"] != cfg.patch_size:  # the iBOT loss compares patch tokens position by position
         raise ValueError(f"teacher patch size {teacher_args['patch_size']} != --patch_size {cfg.patch_size}")

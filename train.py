@@ -6,7 +6,8 @@ KoLeo spreading the features; the teacher is an EMA of the student (losses.py ha
 
 Run (the same file from a laptop to a cluster):
     python train.py                                   # CPU demo: the named preset "tiny" on Fashion-MNIST, then
-                                                      # the teacher's k-NN accuracy (README: time and accuracy)
+                                                      # the teacher's k-NN accuracy: 80.6% in 6.5-7.3 min on 2
+                                                      # shared CPU cores (same net at init 67.9%, raw pixels 84.6%)
     python train.py --preset vit_l --data /path/imagenet --micro_batch_size 32        # one GPU
     torchrun --nproc_per_node=8 train.py --preset vit_l --data /path/imagenet          # one node
     torchrun --nnodes=N --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
@@ -44,8 +45,8 @@ import os
 import random
 import signal
 import time
-from dataclasses import asdict, dataclass, fields
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -633,13 +634,19 @@ class StopSignal:
         return bool(flag.item())
 
 
-def train(cfg, dataset=None):
-    """Pretrain with DINOv2; returns the raw (student, teacher) modules. `dataset` overrides cfg.data (tests)."""
+def start_run(cfg):
+    """This process's rank, world size and device, and the derived values, printed with the resolved config."""
     rank, world_size = get_rank(), dist.get_world_size() if is_dist() else 1
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     d = derived_values(cfg, world_size)
     print0(f"config: {json.dumps(asdict(cfg))}\nderived: {json.dumps(d)}")
     os.makedirs(cfg.output_dir, exist_ok=True)
+    return rank, world_size, device, d
+
+
+def train(cfg, dataset=None):
+    """Pretrain with DINOv2; returns the raw (student, teacher) modules. `dataset` overrides cfg.data (tests)."""
+    rank, world_size, device, d = start_run(cfg)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     splits = labelled_splits(cfg.data) if cfg.eval_every and dataset is None else None  # periodic k-NN
     dataset = dataset if dataset is not None else build_dataset(cfg.data, train=True)
