@@ -1,26 +1,28 @@
-"""One command-line convention for every script: config dataclass fields -> flags, presets, checks, progress bars.
+"""One command-line convention for every script: config fields -> flags, presets, checks, progress.
 
-Each script (train.py, distill.py, eval.py, curate.py, model.py) keeps its hyperparameters in one dataclass whose
-fields carry a trailing comment (meaning, unit, paper source) and are grouped by `# --- section` comment lines.
-parse_config turns that dataclass into the command line:
+Each script (train.py, distill.py, eval.py, curate.py, model.py) keeps its hyperparameters in one
+dataclass whose fields carry a trailing comment (meaning, unit, paper source), grouped by
+`# --- section` comment lines. parse_config turns that dataclass into the command line:
 
-    --name VALUE      one flag per field; help = the field's comment, with its default, preset values and type
-    --flag 0.1,0.5    tuples are comma-separated (no spaces), element type from the default
-    --resume          booleans: true/false/1/0/yes/no (any case); the flag alone means true
-    --preset NAME     named overrides of the defaults (the dict PRESETS beside each config); "paper" = none
+    --name VALUE     one flag per field; help = its comment, default, preset values and type
+    --flag 0.1,0.5   tuples are comma-separated, element type from the default
+    --resume         booleans: true/false/1/0/yes/no (any case); the flag alone means true
+    --preset NAME    named overrides of the defaults (the dict PRESETS beside each config);
+                     "paper" = none, the dataclass defaults
 
-Order of precedence: dataclass defaults (the paper's), then the preset, then the flags given. Unknown flags,
-unparsable values and values a config's check() refuses end in argparse's usage line, one line
+Precedence: dataclass defaults (the paper's), then the preset, then the flags given. Unknown flags,
+unparsable values and values a config's check() refuses end in a short usage line, one line
 "<script>: error: --flag: what is wrong; allowed: ...", and exit status 2, never a traceback.
 
-A config validates itself: its __post_init__ calls check(), which raises ValueError through the one-line helpers
-one_of / at_least / in_range / has_length, so the same rules hold for configs built in code and in tests.
+A config validates itself: its __post_init__ calls check(), one line per field with the helpers
+one_of / at_least / in_range / has_length / increasing (each raises ValueError naming the flag), so
+the same rules hold for configs built in code and in tests.
 
-progress() is tqdm that writes a handful of lines, not one per iteration, when its output is not a terminal
+progress() is tqdm that writes a handful of lines, not hundreds, when its output is not a terminal
 (a log file, a batch job, a pipe).
 
     cfg, args = parse_config(Config, presets=PRESETS, default_preset="tiny", description=__doc__)
-    print(describe_overrides(cfg, args.preset, PRESETS, Config))   # preset tiny; overrides: arch=vit_small
+    print(describe_overrides(cfg, args.preset, PRESETS, Config))  # preset tiny; overrides: seed=1
 """
 import argparse
 import ast
@@ -37,25 +39,26 @@ from tqdm import tqdm
 BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Reading the dataclass: each field's trailing comment and the `# --- section` it sits in
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def field_docs(config_cls):
-    """{field name: (comment, section)} read from the source of config_cls and of every dataclass it inherits
-    from, base classes first: a subclass's comment on a field it overrides replaces its parent's."""
+    """{field name: (comment, section)} read from the source of config_cls and of every dataclass
+    it inherits from, base classes first: a subclass's comment on a field it overrides replaces its
+    parent's."""
     docs = {}
     for cls in reversed(config_cls.__mro__):
         if dataclasses.is_dataclass(cls):
             for name, (comment, section) in _class_field_docs(cls).items():
-                if name in docs:  # an override keeps its parent's place, so it stays in its parent's section
+                if name in docs:  # an override keeps its parent's place, so its parent's section
                     comment, section = comment or docs[name][0], docs[name][1]
                 docs[name] = (comment, section)
     return docs
 
 
 def _class_field_docs(cls):
-    """Fields are found with ast (the annotated assignments of the class body), comments with tokenize, so a
-    '#' inside a string default is not taken for a comment."""
+    """Fields are found with ast (the annotated assignments of the class body), comments with
+    tokenize, so that a '#' inside a string default is not taken for a comment."""
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):  # defined in an interactive session: no source, no help text
@@ -66,29 +69,32 @@ def _class_field_docs(cls):
             alone = tok.line.strip() == tok.string.strip()
             comments[tok.start[0]] = (tok.string.lstrip("#").strip(), alone)
     class_node = ast.parse(source).body[0]
-    section_lines = sorted((line, text.strip("- ").strip()) for line, (text, alone) in comments.items()
+    section_lines = sorted((line, text.strip("- ").strip())
+                           for line, (text, alone) in comments.items()
                            if alone and text.startswith("---"))
     docs = {}
     for node in class_node.body:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             text, alone = comments.get(node.end_lineno, ("", True))
-            section = next((s for line, s in reversed(section_lines) if line < node.lineno), "")
+            above = [s for line, s in section_lines if line < node.lineno]
+            section = above[-1] if above else ""
             docs[node.target.id] = ("" if alone else text, section)
     return docs
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Values: strict parsing of one flag's text, and the text shown in help and in describe_overrides
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def kind_of(field):
-    """"bool", "int", "float", "str" or "tuple" (annotations may be strings under `from __future__ import ...`)."""
+    """"bool", "int", "float", "str" or "tuple" (annotations are strings under
+    `from __future__ import annotations`)."""
     t = field.type
     name = t if isinstance(t, str) else getattr(t, "__name__", str(t))
     return name if name in ("bool", "int", "float", "str", "tuple") else "str"
 
 
 def element_kind(default):
-    """Element type of a tuple field, read off its default: ints, floats (if any float) or strings."""
+    """Element type of a tuple field, read off its default: ints, floats (any float) or strings."""
     if default and all(isinstance(v, int) and not isinstance(v, bool) for v in default):
         return "int"
     if default and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in default):
@@ -99,7 +105,8 @@ def element_kind(default):
 def parse_bool(text):
     value = BOOLEAN_WORDS.get(text.strip().lower())
     if value is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a boolean; allowed: true/false/1/0/yes/no")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a boolean; "
+                                         f"allowed: true/false/1/0/yes/no")
     return value
 
 
@@ -115,7 +122,7 @@ def parse_float(text):
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if math.isnan(value):  # nan passes every range check (all comparisons are False): refuse it here
+    if math.isnan(value):  # nan would pass every range check (all comparisons are False)
         raise argparse.ArgumentTypeError("nan is not allowed")
     return value
 
@@ -150,13 +157,14 @@ def show(value):
     return str(value) if value != "" else '""'
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The parser
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def build_parser(config_cls, presets=None, default_preset=None, description="", extra_flags=None,
                  positionals=None, prog=None):
-    """argparse parser with one flag per field (grouped by section, help from the comments), --preset, the
-    extra mode switches and positional arguments. Every field flag defaults to None = "not given"."""
+    """argparse parser with one flag per field (grouped by section, help from the comments),
+    --preset, the extra mode switches and the positional arguments. Every field flag defaults to
+    None, which means "not given"."""
     presets = presets or {}
     parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
                                      formatter_class=_formatter)
@@ -167,8 +175,8 @@ def build_parser(config_cls, presets=None, default_preset=None, description="", 
         names = ["paper", *presets]
         start = default_preset or "paper"
         parser.add_argument("--preset", choices=names, default=start, help=(
-            f"named overrides of the defaults, applied before the flags given here; 'paper' = the dataclass "
-            f"defaults (default: {start})"))
+            f"named overrides of the defaults, applied before the flags given here; "
+            f"'paper' = the dataclass defaults (default: {start})"))
     for name, help_text, kwargs in _normalise(extra_flags or (), positional=False):
         parser.add_argument(f"--{name}", help=help_text, **kwargs)
     docs, groups = field_docs(config_cls), {}
@@ -178,9 +186,13 @@ def build_parser(config_cls, presets=None, default_preset=None, description="", 
             groups[section] = parser.add_argument_group(section or config_cls.__name__)
         kind, default = kind_of(field), _default(field)
         shown = [f"default {show(default)}"]
-        shown += [f"{p}: {show(values[field.name])}" for p, values in presets.items() if field.name in values]
-        type_text = f"comma-separated {KIND_WORDS[element_kind(default)]}" if kind == "tuple" else kind
-        help_text = f"{comment} ({'; '.join(shown)}; {type_text})".strip().replace("%", "%%")
+        shown += [f"{p}: {show(values[field.name])}" for p, values in presets.items()
+                  if field.name in values]
+        if kind == "tuple":
+            shown.append(f"comma-separated {KIND_WORDS[element_kind(default)]}")
+        else:
+            shown.append(kind)
+        help_text = f"{comment} ({'; '.join(shown)})".strip().replace("%", "%%")  # % is argparse's
         kwargs = dict(default=None, help=help_text, metavar=kind.upper())
         if kind == "bool":
             kwargs.update(type=parse_bool, nargs="?", const=True, metavar="BOOL")
@@ -193,7 +205,7 @@ def build_parser(config_cls, presets=None, default_preset=None, description="", 
 
 
 def short_usage(prog, presets, extra_flags, positionals):
-    """One usage line instead of argparse's 30 (one per ~2 of 60 fields), so that an error reads as two lines."""
+    """One usage line instead of argparse's 30 for 60 fields, so that an error reads as 2 lines."""
     words = [prog, *(name.upper() for name, *_ in positionals or ())]
     words += ["[--preset NAME]"] if presets else []
     words += [f"[--{name}]" for name, *_ in extra_flags or ()]
@@ -205,7 +217,8 @@ def _formatter(prog):
 
 
 def _normalise(entries, positional):
-    """(name, help) or (name, help, argparse kwargs) -> (name, help, kwargs); a bare extra flag is a switch."""
+    """(name, help) or (name, help, argparse kwargs) -> (name, help, kwargs); an extra flag given
+    without kwargs is a switch (store_true)."""
     for entry in entries:
         name, help_text, *rest = entry
         kwargs = dict(rest[0]) if rest else ({} if positional else dict(action="store_true"))
@@ -220,14 +233,18 @@ def _default(field):
     return None
 
 
-def parse_config(config_cls, argv=None, presets=None, default_preset=None, description="", extra_flags=None,
-                 positionals=None, prog=None):
-    """Command line -> (cfg, args). cfg = config_cls(defaults, then presets[args.preset], then the flags given);
-    args has .preset (the preset used, "paper" = none), .overrides ({field: value} of the flags given), each
-    extra flag and positional. extra_flags / positionals: (name, help) or (name, help, argparse kwargs); an
-    extra flag given as (name, help) is a switch (store_true). Errors exit with status 2 (argparse's way)."""
+def parse_config(config_cls, argv=None, presets=None, default_preset=None, description="",
+                 extra_flags=None, positionals=None, prog=None):
+    """Command line -> (cfg, args).
+
+    cfg = config_cls(defaults, then presets[args.preset], then the flags given). args has .preset
+    (the preset used; "paper" = none), .overrides ({field: value} of the flags given), each extra
+    flag and each positional. extra_flags / positionals: (name, help) or (name, help, argparse
+    kwargs); an extra flag given as (name, help) is a switch (store_true). Errors exit with
+    status 2, argparse's way."""
     presets = presets or {}
-    parser = build_parser(config_cls, presets, default_preset, description, extra_flags, positionals, prog)
+    parser = build_parser(config_cls, presets, default_preset, description, extra_flags,
+                          positionals, prog)
     args = parser.parse_args(argv)
     names = [f.name for f in dataclasses.fields(config_cls)]
     args.overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
@@ -241,28 +258,30 @@ def parse_config(config_cls, argv=None, presets=None, default_preset=None, descr
 
 
 def describe_overrides(cfg, preset_name, presets, config_cls):
-    """One line for the start of a run: the preset and every field that differs from what it sets, e.g.
-    "preset tiny; overrides: arch=vit_small, data=/x"."""
+    """One line for the start of a run: the preset and every field that differs from what it
+    sets, e.g. "preset tiny; overrides: arch=vit_small, data=/x"."""
     base = config_cls(**(presets or {}).get(preset_name, {}))
     changed = [f"{f.name}={show(getattr(cfg, f.name))}" for f in dataclasses.fields(config_cls)
                if getattr(cfg, f.name) != getattr(base, f.name)]
-    return f"preset {preset_name or 'paper'}; " + (f"overrides: {', '.join(changed)}" if changed else "no overrides")
+    what = f"overrides: {', '.join(changed)}" if changed else "no overrides"
+    return f"preset {preset_name or 'paper'}; {what}"
 
 
 def error(message, prog=None, status=2):
-    """A one-line error after parsing (a checkpoint that is not a backbone, a read-only folder), in argparse's
-    format "<script>: error: <message>", and exit with status 2 as a flag error would."""
+    """A one-line error found after parsing (a checkpoint that is not a backbone, a read-only
+    folder) in argparse's format "<script>: error: <message>"; exit status 2 as for a bad flag."""
     prog = prog or (sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "python")
     print(f"{prog}: error: {message}", file=sys.stderr)
     raise SystemExit(status)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Checks: one line per field in a config's check(); each raises ValueError("--name: what; allowed: ...")
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Checks: one line per field in a config's check(); ValueError("--name: what; allowed: ...")
+# --------------------------------------------------------------------------------------------------
 def one_of(name, value, choices):
     if value not in choices:
-        raise ValueError(f"--{name}: {show(value)} is not allowed; allowed: {', '.join(map(show, choices))}")
+        allowed = ", ".join(map(show, choices))
+        raise ValueError(f"--{name}: {show(value)} is not allowed; allowed: {allowed}")
 
 
 def at_least(name, value, low):
@@ -276,7 +295,8 @@ def in_range(name, value, low, high):
     """low <= value <= high; for a tuple, every element."""
     for v in (value if isinstance(value, tuple) else (value,)):
         if not low <= v <= high:
-            raise ValueError(f"--{name}: {show(value)} is out of range; allowed: {show(low)} to {show(high)}")
+            raise ValueError(f"--{name}: {show(value)} is out of range; "
+                             f"allowed: {show(low)} to {show(high)}")
 
 
 def has_length(name, value, n):
@@ -288,17 +308,18 @@ def has_length(name, value, n):
 def increasing(name, value):
     """A (low, high) range: low <= high."""
     if list(value) != sorted(value):
-        raise ValueError(f"--{name}: {show(value)} is not in increasing order; allowed: low,high with low <= high")
+        raise ValueError(f"--{name}: {show(value)} is not in increasing order; "
+                         f"allowed: low,high with low <= high")
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Progress bars that do not flood a log file
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def progress(iterable=None, **tqdm_kwargs):
-    """tqdm as usual on a terminal. To a file or pipe (a batch job's log) it redraws only every 10% of a known
-    total and at least 10 s apart (unknown total: once a minute), so a 12,500-step loop writes about a dozen
-    status lines instead of one per redraw. tqdm's monitor thread would otherwise force a redraw every 10 s
-    (maxinterval) whatever miniters says, so maxinterval is switched off too."""
+    """tqdm as usual on a terminal. To a file or pipe (a batch job's log) it redraws only every 10%
+    of a known total and at least 10 s apart (unknown total: once a minute), so a 12,500-step loop
+    writes about a dozen status lines instead of one every 0.1 s. tqdm's monitor thread would
+    otherwise force a redraw every 10 s (maxinterval) whatever miniters says: switched off too."""
     stream = tqdm_kwargs.get("file") or sys.stderr
     if not getattr(stream, "isatty", lambda: False)():
         total = tqdm_kwargs.get("total")
