@@ -58,7 +58,8 @@ def field_docs(config_cls):
 
 def _class_field_docs(cls):
     """Fields are found with ast (the annotated assignments of the class body), comments with
-    tokenize, so that a '#' inside a string default is not taken for a comment."""
+    tokenize, so that a '#' inside a string default is not taken for a comment. A field's comment
+    may go on in comment-only lines right below it."""
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):  # defined in an interactive session: no source, no help text
@@ -76,9 +77,13 @@ def _class_field_docs(cls):
     for node in class_node.body:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             text, alone = comments.get(node.end_lineno, ("", True))
-            above = [s for line, s in section_lines if line < node.lineno]
+            text = "" if alone else text
+            row = node.end_lineno + 1  # comment-only lines right below a comment continue it
+            while text and row in comments and comments[row][1] and not comments[row][0].startswith("---"):
+                text, row = f"{text} {comments[row][0]}", row + 1
+            above = [title for start, title in section_lines if start < node.lineno]
             section = above[-1] if above else ""
-            docs[node.target.id] = ("" if alone else text, section)
+            docs[node.target.id] = (text, section)
     return docs
 
 

@@ -1,24 +1,30 @@
-"""Evaluate a frozen DINOv2 backbone: k-NN, linear probe, copy retrieval, and pictures of what the features see.
+"""Evaluate a frozen DINOv2 backbone: k-NN, linear probe, copy retrieval, pictures of what it sees.
 
-Any checkpoint that model.load_model reads works: ours (runs/<name>/teacher_backbone.pth, or a train.py checkpoint)
-or a released one (dinov2_vits14_pretrain.pth). Each command prints a small table and writes
-<checkpoint stem>_eval_<command>.json beside the checkpoint; pictures go to --out (default: beside the checkpoint).
+Any checkpoint that model.load_model reads works: ours (runs/<name>/teacher_backbone.pth, a train.py
+checkpoint.pth, distill.py's <student>_backbone.pth) or a released one (dinov2_vits14_pretrain.pth).
+Images are fed at the checkpoint's own training size (its position embedding's, e.g. 28 px for
+train.py's tiny preset), at most the paper's 224 px, unless --image_size says otherwise. Each command
+prints a small table and writes <checkpoint stem>_eval_<command>.json, and the pictures, to --out
+(default: beside the checkpoint); a folder it cannot write to is an error before any work.
 
 Run:
-    python eval.py knn runs/tiny/teacher_backbone.pth --preset tiny       # Fashion-MNIST 60k/10k, minutes on 2 cores
+    python eval.py knn runs/tiny/teacher_backbone.pth --preset tiny    # Fashion-MNIST 60k / 10k
     python eval.py linear runs/tiny/teacher_backbone.pth --preset tiny
     python eval.py retrieval runs/tiny/teacher_backbone.pth --preset tiny
-    python eval.py pca runs/tiny/teacher_backbone.pth fashion-mnist:19 fashion-mnist:2 --preset tiny  # test images
-    python eval.py pca dinov2_vits14_pretrain.pth a.jpg b.jpg              # one PCA over both images (Fig. 1 style)
-    python eval.py attention dinov2_vits14_pretrain.pth a.jpg
-    python eval.py knn dinov2_vits14_pretrain.pth --data /data/imagenet    # folders train/ and val/ with class folders
-Every field of EvalConfig is an option (--knn_ks 10,20 --image_size 224 ...); unknown options are an error.
+    python eval.py pca runs/tiny/teacher_backbone.pth fashion-mnist:19 fashion-mnist:2  # test images
+    python eval.py pca dinov2_vits14_pretrain.pth a.jpg b.jpg       # one PCA over both (Fig. 1 style)
+    python eval.py attention dinov2_vits14_pretrain.pth a.jpg       # input, mean and every head
+    python eval.py knn dinov2_vits14_pretrain.pth --data /data/imagenet   # train/ and val/ class folders
+    python eval.py --help                                           # every flag, default and type
+Every field of EvalConfig is a flag, one convention for every script (cli.py: --knn_ks 10,20).
+The preset "tiny" (PRESETS) only sizes the work for a 28-px model on 2 CPU cores.
 
-Cost, measured on 2 shared CPU cores (load 2-7) with the tiny preset's ViT (width 128, depth 4, patch 4, 28 px):
-knn on all of Fashion-MNIST (60,000 + 10,000 images) 67-151 s wall (~105 s CPU), linear 150-240 s (features
-100-150 s, 72 heads x 3,000 steps ~65 s), retrieval ~7 s, pca / attention < 1 s. Feature extraction dominates.
-What it reaches (Fashion-MNIST test set): `python train.py` (tiny preset, 1,000 steps, 25 min) -> k-NN top-1 66.8%
-(k=20; 55.7% for the same network at init), linear 75.1%; the PCA picture is assets/pca_example.png.
+What it reaches, from the README's results table (train.py's tiny preset, 7-px patches, width 192,
+depth 4, 1,800 steps, as of commit 3516818; 2 shared CPU cores):
+    `python eval.py knn runs/tiny/teacher_backbone.pth --preset tiny`: k-NN top-1 81.0 / 80.6 / 79.9 /
+    79.5% at k = 10 / 20 / 100 / 200, 91 s; `python eval.py linear ... --preset tiny`: 82.8%, 247 s,
+    measured before the probe trained the official 10 epochs at batch 1,024 (it then ran 3,000 steps of
+    256 = 14 epochs). Feature extraction dominates the cost; pca / attention take about a second.
 
 Paper (arXiv 2304.07193) -> code
     Sec. 6.1 Table 1 k-NN column (DINO protocol: k in {10,20,100,200}, T=0.07) -> run_knn (votes: data.knn_classify)
@@ -40,13 +46,13 @@ Deviations from the paper (also in the README):
 
 Shape legend: B batch, N tokens (patches), D width, H heads, C classes, L learning rates, Q queries, M database images.
 """
-import argparse
 import io
 import json
 import math
 import random
+import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -55,88 +61,119 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from data import MapDataset, build_dataset, eval_transform, extract_features, knn_classify, normalize, resize
+import cli
+from cli import at_least, in_range, one_of, progress
+from data import (MapDataset, build_dataset, eval_transform, extract_features, knn_classify, normalize,
+                  resize)
 from model import load_model
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Configuration: defaults are the paper's / released evaluation code's values; "tiny" is the CPU preset
+# Configuration: defaults are the paper's / released evaluation code's values
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class EvalConfig:
-    # data
+    # --- data
     data: str = "fashion-mnist"  # labelled train split: "fashion-mnist", a folder of IDX files, or image folders
     test_data: str = ""  # test split; "" = build_dataset(data, train=False) (val/ or test/ inside `data`)
-    image_size: int = 224  # px side fed to the backbone, must be a multiple of the patch size (paper: 224)
+    image_size: int = 0  # px side fed to the backbone, a multiple of the patch size; 0 = the checkpoint's
+    #                      training size (its position embedding's), at most 224 (paper: 224)
     batch_size: int = 256  # images per forward pass when extracting features (official knn.py: 256)
     num_workers: int = 0  # DataLoader workers for feature extraction
-    device: str = "auto"  # "auto" = cuda when available, else cpu
+    device: str = "auto"  # "auto" = cuda when available, else cpu; or cpu, cuda, cuda:1, mps
     seed: int = 0  # held-out split, head init, copy edits
-    # k-NN (Sec. 6.1, protocol of DINO v1 / the released eval/knn.py)
+    out: str = ""  # folder for the results JSON and the PNGs; "" = beside the checkpoint
+    # --- k-NN (Sec. 6.1, protocol of DINO v1 / the released eval/knn.py)
     knn_ks: tuple = (10, 20, 100, 200)  # numbers of neighbours voting
     knn_temperature: float = 0.07  # T in the vote weights softmax(similarity / T)
-    # linear probe (Sec. 7.1, App. B.3; values of the released eval/linear.py)
+    # --- linear probe (Sec. 7.1, App. B.3; values of the released eval/linear.py)
     linear_n_blocks: tuple = (1, 4)  # class tokens of the last n blocks, concatenated
     linear_lrs: tuple = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)  # x batch/256
-    linear_batch_size: int = 128  # samples per SGD step
-    linear_iters: int = 12500  # SGD steps (10 epochs x 1250 iterations), cosine decay to 0
+    linear_batch_size: int = 1024  # global batch: official 128 per GPU x 8 GPUs; lr = grid value x batch / 256
+    linear_epochs: float = 10.0  # passes over the training features (official 12,500 x 1,024 = 10 ImageNet
+    #                              epochs), cosine decay to 0
     linear_momentum: float = 0.9  # SGD momentum, weight decay 0
     linear_val_fraction: float = 0.1  # ours: held-out part of the training set that picks the grid point
-    # retrieval / copy detection (Sec. 7.3, Sec. 3)
+    # --- retrieval / copy detection (Sec. 7.3, Sec. 3)
     retrieval_originals: int = 200  # (ours) database images whose copies are searched for
     retrieval_distractors: int = 1800  # (ours) further database images that are never copied
     retrieval_copies: int = 2  # (ours) edited copies per original and strength (the queries)
     retrieval_strengths: tuple = (0.0, 0.25, 0.5, 1.0)  # (ours) edit strength in [0,1]; 0 = identical copy
-    # pictures (Sec. 7.5)
-    picture_size: int = 448  # (ours) shorter side in px fed for pca/attention, rounded to whole patches
+    # --- pictures (Sec. 7.5)
+    picture_size: int = 0  # (ours) shorter side in px fed for pca/attention, rounded to whole patches;
+    #                        0 = the checkpoint's training size, at most 448
     pca_threshold: float = 0.0  # (ours, the paper gives none) foreground = first PC above this many std
-    sheet_height: int = 160  # px height of each row of the pca sheet (inputs on top, PCA below)
-    out: str = ""  # folder for the PNGs; "" = beside the checkpoint
+    sheet_height: int = 160  # px height of each panel of the pca and attention sheets
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self):
+        at_least("image_size", self.image_size, 0)
+        at_least("batch_size", self.batch_size, 1)
+        at_least("num_workers", self.num_workers, 0)
+        if self.device != "auto" and not self.device.startswith(DEVICES):
+            one_of("device", self.device, ("auto",) + DEVICES)
+        at_least("knn_ks", self.knn_ks, 1)
+        at_least("knn_temperature", self.knn_temperature, 1e-6)
+        at_least("linear_n_blocks", self.linear_n_blocks, 1)
+        at_least("linear_lrs", self.linear_lrs, 0.0)
+        at_least("linear_batch_size", self.linear_batch_size, 1)
+        at_least("linear_epochs", self.linear_epochs, 0.0)
+        in_range("linear_momentum", self.linear_momentum, 0.0, 1.0)
+        in_range("linear_val_fraction", self.linear_val_fraction, 0.0, 0.9)
+        at_least("retrieval_originals", self.retrieval_originals, 1)
+        at_least("retrieval_distractors", self.retrieval_distractors, 0)
+        at_least("retrieval_copies", self.retrieval_copies, 1)
+        in_range("retrieval_strengths", self.retrieval_strengths, 0.0, 1.0)
+        at_least("picture_size", self.picture_size, 0)
+        at_least("sheet_height", self.sheet_height, 16)
 
 
+DEVICES = ("cpu", "cuda", "mps")  # torch device names; "cuda:1" is cuda's second GPU
+
+# Named overrides of EvalConfig for --preset, the same concept as train.PRESETS (cli.parse_config reads
+# both). The image size comes from the checkpoint, so a preset only sizes the work: "tiny" is the one for
+# a backbone of train.py's tiny preset on Fashion-MNIST (28 px), every command in minutes on 2 CPU cores.
 PRESETS = {
-    # 28 px Fashion-MNIST with a patch-4 ViT (7x7 patches), pictures at the 28 px it was trained at:
-    # every command in a few CPU minutes
-    # small features want larger learning rates than ImageNet's: the grid goes on up to 5 (best seen: 0.2)
-    "tiny": dict(image_size=28, batch_size=512, linear_iters=3000, linear_batch_size=256,
-                 linear_lrs=EvalConfig.linear_lrs + (0.2, 0.5, 1.0, 2.0, 5.0),
-                 retrieval_originals=200, retrieval_distractors=1800, picture_size=28, sheet_height=112),
+    # larger feature batches (28 px images are cheap); smaller PCA rows. The lr grid goes on up to 1.0:
+    # at the paper's batch scaling 28-px features were best at the grid's upper edge (eval.py linear on the
+    # tiny teacher of commit 2cca678)
+    "tiny": dict(batch_size=512, linear_lrs=EvalConfig.linear_lrs + (0.2, 0.5, 1.0), sheet_height=112),
 }
+COMMANDS = ("knn", "linear", "retrieval", "pca", "attention")
 
 
 def parse_config(argv=None):
-    """`python eval.py <command> <checkpoint> [images] --key value` -> (command, checkpoint, images, EvalConfig)."""
-    parser = argparse.ArgumentParser(description="Evaluate a frozen DINOv2 backbone (see the module docstring).")
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name in COMMANDS:
-        sub = commands.add_parser(name)
-        sub.add_argument("checkpoint", help="anything model.load_model reads (.pth/.pt)")
-        if name in ("pca", "attention"):
-            sub.add_argument("images", nargs="+", help="image files, or fashion-mnist:<test index>")
-        sub.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named preset applied first")
-        for f in fields(EvalConfig):  # one option per field; argparse rejects anything else
-            sub.add_argument(f"--{f.name}", default=None, help=f"default {f.default!r}")
-    args = parser.parse_args(argv)
-    values = asdict(EvalConfig()) | PRESETS.get(args.preset, {})
-    for f in fields(EvalConfig):
-        raw = getattr(args, f.name)
-        if raw is not None:
-            values[f.name] = _parse_value(raw, f.default)
-    return args.command, args.checkpoint, getattr(args, "images", []), EvalConfig(**values)
-
-
-def _parse_value(raw, default):
-    if isinstance(default, tuple):  # "10,20,100" -> (10, 20, 100), element type from the default
-        return tuple(type(default[0])(v) for v in raw.split(",") if v)
-    if isinstance(default, bool):
-        return raw.lower() in ("1", "true", "yes")
-    return type(default)(raw)
+    """`python eval.py <command> <checkpoint> [images] --field value` -> (cfg, args) with args.command,
+    args.checkpoint, args.images. One convention for every script (cli.py)."""
+    positionals = [("command", "what to measure or draw", dict(choices=COMMANDS)),
+                   ("checkpoint", "anything model.load_model reads (.pth/.pt)", {}),
+                   ("images", "pca / attention: image files, or fashion-mnist:<test index>", dict(nargs="*"))]
+    cfg, args = cli.parse_config(EvalConfig, argv, presets=PRESETS, description=__doc__.split("\n\n")[0],
+                                 positionals=positionals, prog="eval.py")
+    if args.command in ("pca", "attention") and not args.images:
+        cli.error(f"{args.command} needs at least one image (a file, or fashion-mnist:<test index>)", "eval.py")
+    if args.command not in ("pca", "attention") and args.images:
+        cli.error(f"{args.command} takes no images, got {args.images}", "eval.py")
+    return cfg, args
 
 
 def resolve_device(name):
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def trained_size(backbone):
+    """px side the backbone was trained at: its position embedding's grid times the patch size (28 for the
+    tiny preset, 518 for released models, as in the checkpoint's sidecar JSON)."""
+    return math.isqrt(backbone.pos_embed.shape[1] - 1) * backbone.patch_size
+
+
+def default_sizes(cfg, backbone):
+    """0 in image_size / picture_size -> the training size, capped at the paper's 224 / 448 px."""
+    size = trained_size(backbone)
+    return replace(cfg, image_size=cfg.image_size or min(size, 224), picture_size=cfg.picture_size or min(size, 448))
 
 
 def check_image_size(backbone, size):
@@ -171,11 +208,32 @@ def run_knn(backbone, cfg, device):
 
 
 def load_splits(cfg):
+    """(train, test) datasets whose labels share one class-to-index map."""
     train_set = build_dataset(cfg.data, train=True)
     test_set = build_dataset(cfg.test_data or cfg.data, train=False)
     if getattr(train_set, "paths", None) is not None and train_set.paths == getattr(test_set, "paths", None):
         raise ValueError(f"{cfg.data} has no train/ and val/ (or test/) sub-folders: pass --test_data <folder>")
+    shared_class_index(train_set, test_set)
     return train_set, test_set
+
+
+def shared_class_index(train_set, test_set):
+    """Image folders number their own class sub-folders (sorted), so when train/ and val/ hold different
+    folders the same index would mean different classes in each ("c" in val gets train's "b"). Renumber both
+    from the sorted union of the names, in place, and say which classes only one split has: a class missing
+    from train/ can never be predicted, so its test images count as errors."""
+    train_classes, test_classes = getattr(train_set, "classes", None), getattr(test_set, "classes", None)
+    if train_classes is None or test_classes is None or list(train_classes) == list(test_classes):
+        return
+    union = sorted(set(train_classes) | set(test_classes))
+    for dataset in (train_set, test_set):
+        index = np.array([union.index(c) for c in dataset.classes] + [-1])  # [C+1]; -1 (no class) stays -1
+        dataset.labels = index[dataset.labels]
+        dataset.classes = union
+    only_train = sorted(set(train_classes) - set(test_classes))
+    only_test = sorted(set(test_classes) - set(train_classes))
+    print(f"note: train and test class folders differ; labels follow the union of {len(union)} names "
+          f"(only in train: {only_train or 'none'}; only in test: {only_test or 'none'})")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -189,7 +247,7 @@ def linear_features(backbone, dataset, image_size, n_blocks=4, batch_size=256, d
     loader = DataLoader(MapDataset(dataset, partial(eval_transform, size=image_size)), batch_size=batch_size,
                         shuffle=False, num_workers=num_workers)
     cls, avgpool, labels = [], [], []
-    for x, y in tqdm(loader, desc="features", leave=False, disable=len(loader) < 2):
+    for x, y in progress(loader, desc="features", leave=False, disable=len(loader) < 2):
         outs = backbone.get_intermediate_layers(x.to(device), n=n_blocks, return_class_token=True, norm=True)
         cls.append(torch.stack([c for _, c in outs], dim=1).float().cpu())  # n x [B,D] -> [B,n,D]
         avgpool.append(outs[-1][0].mean(dim=1).float().cpu())  # [B,N,D] -> [B,D]
@@ -213,9 +271,11 @@ def train_linear_grid(cls, avgpool, labels, n_blocks_list, num_classes, lrs, ite
                       seed=0, device="cpu"):
     """SGD on one batched linear layer per feature variant: weight [L,Din,C] holds the L heads that differ only by
     learning rate, so all grid points see the same batches and train in one loop. Init N(0, 0.01), bias 0, lr scaled
-    by batch/256 and decayed with a cosine to 0, weight decay 0 (official eval/linear.py).
+    by batch/256 and decayed with a cosine to 0, weight decay 0 (official eval/linear.py). A training set smaller
+    than the batch is one batch, and the lr is scaled by that smaller batch.
     -> {variant: (weight [L,Din,C], bias [L,1,C])}."""
     g = torch.Generator().manual_seed(seed)
+    batch_size = min(batch_size, len(labels))
     lr = torch.tensor(lrs, dtype=torch.float32, device=device).view(-1, 1, 1) * batch_size / 256  # [L,1,1]
     heads, momenta = {}, {}
     for name, x in linear_inputs(cls[:1], avgpool[:1], n_blocks_list).items():
@@ -223,7 +283,7 @@ def train_linear_grid(cls, avgpool, labels, n_blocks_list, num_classes, lrs, ite
         b = torch.zeros(len(lrs), 1, num_classes, device=device, requires_grad=True)  # [L,1,C]
         heads[name], momenta[name] = (w, b), (torch.zeros_like(w), torch.zeros_like(b))  # w: [L,Din,C]
     order, pos = torch.randperm(len(labels), generator=g), 0
-    for it in tqdm(range(iters), desc="linear heads", leave=False):
+    for it in progress(range(iters), desc="linear heads", leave=False):
         if pos + batch_size > len(labels):  # reshuffle each epoch, drop the last incomplete batch
             order, pos = torch.randperm(len(labels), generator=g), 0
         idx, pos = order[pos:pos + batch_size], pos + batch_size
@@ -266,15 +326,17 @@ def run_linear(backbone, cfg, device):
                       batch_size=cfg.batch_size, device=device, num_workers=cfg.num_workers)
     train_cls, train_avg, train_y = extract(train_set)  # [N,n,D], [N,D], [N]
     test_cls, test_avg, test_y = extract(test_set)
-    print(f"features of {len(train_y)} + {len(test_y)} images in {time.time() - start:.0f} s; training "
-          f"{2 * len(n_blocks_list)} variants x {len(cfg.linear_lrs)} learning rates together")
+    n_classes = int(max(train_y.max(), test_y.max())) + 1
     # held-out split of the training set picks the grid point; the test set is looked at once, for that point
     perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(cfg.seed))
     n_val = max(1, int(round(cfg.linear_val_fraction * len(train_y))))
     val, fit = perm[:n_val], perm[n_val:]
-    heads = train_linear_grid(train_cls[fit], train_avg[fit], train_y[fit], n_blocks_list, int(train_y.max()) + 1,
-                              cfg.linear_lrs, cfg.linear_iters, cfg.linear_batch_size, cfg.linear_momentum,
-                              cfg.seed, device)
+    iters = linear_iterations(len(fit), cfg.linear_epochs, cfg.linear_batch_size)
+    print(f"features of {len(train_y)} + {len(test_y)} images in {time.time() - start:.0f} s; training "
+          f"{2 * len(n_blocks_list)} variants x {len(cfg.linear_lrs)} learning rates together: {iters} steps of "
+          f"{min(cfg.linear_batch_size, len(fit))} = {cfg.linear_epochs:g} epochs of {len(fit)} features")
+    heads = train_linear_grid(train_cls[fit], train_avg[fit], train_y[fit], n_blocks_list, n_classes,
+                              cfg.linear_lrs, iters, cfg.linear_batch_size, cfg.linear_momentum, cfg.seed, device)
     val_acc = grid_accuracy(heads, train_cls[val], train_avg[val], train_y[val], n_blocks_list)
     best_name, best_l = max(((n, l) for n in val_acc for l in range(len(cfg.linear_lrs))),
                             key=lambda nl: val_acc[nl[0]][nl[1]].item())
@@ -285,9 +347,16 @@ def run_linear(backbone, cfg, device):
             for n in val_acc for l in range(len(cfg.linear_lrs))]
     if best_l in (0, len(cfg.linear_lrs) - 1) and len(cfg.linear_lrs) > 1:
         print(f"note: the best learning rate {cfg.linear_lrs[best_l]} is at the edge of the grid; widen --linear_lrs")
-    return {"n_fit": len(fit), "n_val": n_val, "n_test": len(test_y),
+    return {"n_fit": len(fit), "n_val": n_val, "n_test": len(test_y), "iterations": iters,
             "best": {"variant": best_name, "lr": cfg.linear_lrs[best_l], "val_top1": val_acc[best_name][best_l].item(),
                      "test_top1": test_top1}, "grid": grid}
+
+
+def linear_iterations(n_train, epochs, batch_size):
+    """SGD steps for `epochs` passes over n_train features. The official probe runs 10 epochs of 1,250 steps at
+    a global batch of 1,024 (128 per GPU x 8): 12.8M samples, 10 passes over ImageNet's 1.28M images. Counting
+    passes, not steps, keeps that amount on any dataset and batch size."""
+    return max(1, math.ceil(epochs * n_train / min(batch_size, n_train)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -498,17 +567,50 @@ def run_pca(backbone, cfg, device, images, out_dir):
 
 
 def pca_sheet(pictures, pcas, height):
-    """Inputs on top, their PCA pictures below, each scaled to `height` px tall, aspect kept (as in Fig. 1).
-    Small images are enlarged with nearest (pixels stay sharp), large ones shrunk with antialiasing."""
-    def scaled(rgb):  # [H,W,3] -> [height, W*height/H, 3]
-        h, w = rgb.shape[:2]
-        size, x = (height, max(1, round(w * height / h))), rgb.permute(2, 0, 1)[None]
-        x = F.interpolate(x, size=size, mode="nearest") if h < height else \
-            F.interpolate(x, size=size, mode="bilinear", antialias=True)
-        return x[0].permute(1, 2, 0)
-    top = torch.cat([scaled(p.permute(1, 2, 0)) for p in pictures], dim=1)  # [height, sum W, 3]
-    bottom = torch.cat([scaled(p) for p in pcas], dim=1)
+    """Inputs on top, their PCA pictures below, each scaled to `height` px tall, aspect kept (as in Fig. 1)."""
+    top = torch.cat([scale_to_height(p.permute(1, 2, 0), height) for p in pictures], dim=1)  # [height,sum W,3]
+    bottom = torch.cat([scale_to_height(p, height) for p in pcas], dim=1)
     return torch.cat([top, bottom], dim=0)  # [2*height, sum W, 3]
+
+
+def scale_to_height(rgb, height):
+    """[H,W,3] -> [height, W*height/H, 3]. Small images are enlarged with nearest (pixels and patches stay
+    sharp), large ones shrunk with antialiasing."""
+    h, w = rgb.shape[:2]
+    size, x = (height, max(1, round(w * height / h))), rgb.permute(2, 0, 1)[None]  # [1,3,H,W]
+    if h < height:
+        x = F.interpolate(x, size=size, mode="nearest")
+    else:
+        x = F.interpolate(x, size=size, mode="bilinear", antialias=True)
+    return x[0].permute(1, 2, 0).clamp(0, 1)
+
+
+def overlay(img, attention):
+    """The attention map [h,w] (patch grid) as a heat map over the grey image [3,H,W]: where the class token
+    looks is bright and coloured, the rest keeps the image's shapes, dimmed."""
+    grey = img.mean(0, keepdim=True).expand(3, -1, -1).permute(1, 2, 0)  # [H,W,3]
+    hot = upsample(heat(attention), *img.shape[-2:])  # [h,w,3] -> [H,W,3]
+    return 0.5 * grey + 0.5 * hot
+
+
+def attention_sheet(img, maps, height, columns=8):
+    """One picture per image: the input, the mean over heads and each head of the last block, overlaid on the
+    input, every panel `height` px tall with a caption above it, at most `columns` panels per row."""
+    panels = [("input", img.permute(1, 2, 0)), (f"mean of {len(maps)} heads", overlay(img, maps.mean(0)))]
+    panels += [(f"head {h}", overlay(img, m)) for h, m in enumerate(maps)]
+    rows = math.ceil(len(panels) / columns)
+    columns = math.ceil(len(panels) / rows)  # balanced rows: 14 panels -> 2 rows of 7
+    caption, gap = 16, 4
+    tiles = [(name, scale_to_height(rgb, height)) for name, rgb in panels]
+    width = tiles[0][1].shape[1]
+    sheet = Image.new("RGB", (columns * (width + gap) + gap, rows * (height + caption + gap) + gap), (40, 40, 40))
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=12)
+    for i, (name, tile) in enumerate(tiles):
+        x, y = gap + (i % columns) * (width + gap), gap + (i // columns) * (height + caption + gap)
+        draw.text((x + 2, y + 1), name, fill=(235, 235, 235), font=font)
+        sheet.paste(Image.fromarray((tile * 255).round().byte().numpy()), (x, y + caption))
+    return sheet
 
 
 def run_attention(backbone, cfg, device, images, out_dir):
@@ -516,19 +618,15 @@ def run_attention(backbone, cfg, device, images, out_dir):
     for path in images:
         img = load_picture(path)
         maps = cls_attention(backbone, prepare_picture(img, cfg.picture_size, backbone.patch_size).to(device))
-        for h, m in enumerate(maps):
-            png = out_dir / f"{picture_name(path)}_attn_head{h}.png"
-            written.append(save_png(upsample(heat(m), *img.shape[-2:]), png))
-    print(f"wrote {len(written)} PNGs (one per head and image) to {out_dir}")
+        written.append(str(out_dir / f"{picture_name(path)}_attention.png"))
+        attention_sheet(img, maps, cfg.sheet_height).save(written[-1])
+        print(f"{written[-1]}: input, mean over {len(maps)} heads, each head of the last block")
     return {"pngs": written}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Main: load, run one command, print a table, write JSON beside the checkpoint
 # ---------------------------------------------------------------------------------------------------------------
-COMMANDS = ("knn", "linear", "retrieval", "pca", "attention")
-
-
 def print_table(rows):
     if not rows:
         return
@@ -541,36 +639,60 @@ def print_table(rows):
 
 
 def main(argv=None):
-    command, checkpoint, images, cfg = parse_config(argv)
-    print(f"eval.py {command} {checkpoint}\nconfig: {json.dumps(asdict(cfg))}")
+    cfg, args = parse_config(argv)
+    checkpoint = Path(args.checkpoint)
+    out_dir = Path(cfg.out) if cfg.out else checkpoint.parent
+    check_writable(out_dir)  # before the work, not after it
+    backbone = load_backbone(checkpoint)
+    cfg = default_sizes(cfg, backbone)
+    print(f"eval.py {args.command} {checkpoint}: {cli.describe_overrides(cfg, args.preset, PRESETS, EvalConfig)}"
+          f"\nconfig: {json.dumps(asdict(cfg))}")
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    backbone = load_model(checkpoint).to(device).eval()
-    out_dir = Path(cfg.out) if cfg.out else Path(checkpoint).parent
-    out_dir.mkdir(parents=True, exist_ok=True)
+    backbone = backbone.to(device).eval()
     start = time.time()
-    if command == "knn":
+    if args.command == "knn":
         results = run_knn(backbone, cfg, device)
         print_table(results["knn"])
-    elif command == "linear":
+    elif args.command == "linear":
         results = run_linear(backbone, cfg, device)
         print_table([max((r for r in results["grid"] if r["variant"] == v), key=lambda r: r["val_top1"])
                      for v in dict.fromkeys(r["variant"] for r in results["grid"])])  # best lr per variant
         print_table([results["best"]])
-    elif command == "retrieval":
+    elif args.command == "retrieval":
         results = run_retrieval(backbone, cfg, device)
         print_table(results["retrieval"])
-    elif command == "pca":
-        results = run_pca(backbone, cfg, device, images, out_dir)
+    elif args.command == "pca":
+        results = run_pca(backbone, cfg, device, args.images, out_dir)
     else:
-        results = run_attention(backbone, cfg, device, images, out_dir)
+        results = run_attention(backbone, cfg, device, args.images, out_dir)
     seconds = time.time() - start
-    print(f"{command} took {seconds:.1f} s on {device}")
-    json_path = Path(checkpoint).with_name(f"{Path(checkpoint).stem}_eval_{command}.json")
-    json_path.write_text(json.dumps({"command": command, "checkpoint": str(checkpoint), "config": asdict(cfg),
-                                     "seconds": seconds, "results": results}, indent=1))
+    print(f"{args.command} took {seconds:.1f} s on {device}")
+    json_path = out_dir / f"{checkpoint.stem}_eval_{args.command}.json"
+    json_path.write_text(json.dumps({"command": args.command, "checkpoint": str(checkpoint), "preset": args.preset,
+                                     "config": asdict(cfg), "seconds": seconds, "results": results}, indent=1))
     print(f"results -> {json_path}")
     return results
+
+
+def check_writable(folder):
+    """Make the output folder and write a probe file into it (os.access says yes to root on a read-only
+    mount), so that a folder the results cannot go to is an error before minutes of feature extraction."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".eval_write_test"):
+            pass
+    except OSError as e:
+        cli.error(f"cannot write the results to {folder} ({e.strerror or e}): pass --out <a writable folder>",
+                  "eval.py")
+
+
+def load_backbone(checkpoint):
+    """model.load_model, with its errors (not a checkpoint, not a backbone, wrong keys) as one line."""
+    try:
+        return load_model(checkpoint)
+    except (OSError, ValueError, RuntimeError) as e:
+        cli.error(str(e).splitlines()[0] if isinstance(e, ValueError) else str(e), "eval.py")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,20 @@
 """Tests for cli.py, the one command-line convention of every script: flags from dataclass fields with help from
 their comments, strict values, presets, one-line errors with exit status 2, quiet progress bars in log files.
 
-Run: python -m pytest -q tests/test_cli.py   (a few seconds)
+Run: python -m pytest -q tests/test_cli.py   (a few seconds; the --help tests start eval.py and model.py)
 """
 import io
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from tqdm import tqdm
 
 import cli
 
+ROOT = Path(__file__).resolve().parents[1]
 CENTERINGS = ("sinkhorn_knopp", "ema")
 
 
@@ -20,7 +24,8 @@ class Config:
     data: str = "fashion-mnist"  # "fashion-mnist" or a folder; 100% of it is read (a '#' here is no comment)
     seed: int = 0  # model init and data order
     # --- optimisation (App. B)
-    batch_size: int = 3072  # global batch (Tab. 16)
+    batch_size: int = 3072  # global batch
+    #                         (Tab. 16)
     base_lr: float = 2e-4  # lr for a batch of 1024
     mask_ratio: tuple = (0.1, 0.5)  # iBOT masked fraction of patches
     knn_ks: tuple = (10, 20)  # neighbours voting
@@ -64,9 +69,9 @@ def error_of(capsys, argv, **kw):
     return e.value.code, capsys.readouterr().err
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Help text from the dataclass source
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_help_comes_from_the_field_comments_with_defaults_types_and_sections():
     docs = cli.field_docs(Config)
     assert docs["batch_size"] == ("global batch (Tab. 16)", "optimisation (App. B)")
@@ -88,9 +93,9 @@ def test_subclass_inherits_comments_and_overrides_its_own():
     assert cfg.students == ("vit_large",) and cfg.seed == 1 and cfg.batch_size == 64  # tiny preset's batch
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Values: strict booleans, comma-separated tuples, numbers
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("text, value", [("true", True), ("False", False), ("1", True), ("0", False),
                                          ("YES", True), ("no", False)])
 def test_booleans_are_strict(text, value):
@@ -126,9 +131,9 @@ def test_bad_values_and_unknown_flags_are_one_line_errors(capsys, argv, message)
     assert message in lines[1] and "Traceback" not in err
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # check(): ranges and choices, one line naming the flag
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv, message", [
     (["--batch_size", "0"], "--batch_size: 0 is too small; allowed: >= 1"),
     (["--base_lr", "-1"], "--base_lr: -1.0 is too small; allowed: >= 0.0"),
@@ -150,9 +155,9 @@ def test_configs_built_in_code_are_checked_too():
         Config(centering="foo")
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Presets and overrides
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_preset_then_flags_and_paper_means_the_defaults():
     cfg, args = parse(["--batch_size", "32"], default_preset="tiny")
     assert (args.preset, cfg.data, cfg.batch_size, cfg.mask_ratio) == ("tiny", "tiny-data", 32, (0.2, 0.4))
@@ -187,9 +192,26 @@ def test_help_exits_0_and_lists_every_flag(capsys):
     assert all(f"--{name}" in out for name in ("data", "seed", "batch_size", "mask_ratio", "resume", "preset"))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script", ["eval.py", "model.py"])
+def test_scripts_help_exits_0_with_defaults_and_types(script):
+    res = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    text = " ".join(res.stdout.split())
+    assert res.returncode == 0, res.stderr
+    assert "(default " in text and "; int)" in text and ("--repeats" in text or "--knn_ks" in text)
+
+
+def test_scripts_bad_value_exits_2_without_traceback():
+    res = subprocess.run([sys.executable, "eval.py", "knn", "c.pth", "--knn_ks", "10,abc"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == ("eval.py: error: argument --knn_ks: '10,abc': 'abc' is not "
+                                                   "an integer; expected comma-separated integers")
+
+
+# --------------------------------------------------------------------------------------------------
 # Progress bars
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def status_lines(text):
     return [chunk for chunk in text.replace("\n", "\r").split("\r") if chunk.strip()]
 
