@@ -22,8 +22,6 @@ Paper -> code
 
 Shape legend: B batch, N tokens, D width, H heads, K prototypes (out_dim), R register tokens.
 """
-import argparse
-import dataclasses
 import inspect
 import json
 import math
@@ -483,13 +481,49 @@ def infer_model_args(sd):
     return args
 
 
+EXPECTED_CHECKPOINT = ("a ViT backbone: a released hub .pth, a teacher_backbone.pth or <student>_backbone.pth, "
+                       "or a train.py checkpoint.pth")
+
+
+def check_is_backbone(path, ckpt):
+    """A clear error for files torch.load reads that hold no backbone (a tensor, distill.py's checkpoint, a
+    head-only or optimizer-only dict), naming what was found, instead of a KeyError deep in the loader."""
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a state dict; expected {EXPECTED_CHECKPOINT}")
+    if "students" in ckpt:
+        names = [s.get("name") for s in ckpt["students"] if isinstance(s, dict)]
+        raise ValueError(f"{path} is a distill.py checkpoint (students {names}): evaluate "
+                         f"<output_dir>/<student>_backbone.pth instead")
+    try:
+        sd = backbone_state_dict(ckpt)
+    except (AttributeError, TypeError):  # keys that are not strings, a "teacher" that is not a dict
+        sd = {}
+    if not all(isinstance(sd.get(k), torch.Tensor) for k in ("cls_token", "pos_embed", "patch_embed.proj.weight")):
+        found = sorted(map(str, ckpt))[:6]
+        raise ValueError(f"{path} has no ViT backbone weights (no cls_token / pos_embed / patch_embed; top-level "
+                         f"keys {found}{' ...' if len(ckpt) > 6 else ''}); expected {EXPECTED_CHECKPOINT}")
+
+
 def load_model(path, map_location="cpu"):
     """Backbone from (a) a released hub .pth (bare state dict; optional sidecar <stem>.json with the kwargs),
     (b) an official training checkpoint {"teacher": {"backbone.<key>": ...}} (FSDP block chunks remapped), or
     (c) a train.py checkpoint (layout (b) plus "model_args"). Returns the model in eval mode; any key mismatch
     is an error that lists the missing and unexpected keys."""
     path = Path(path)
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (expected {EXPECTED_CHECKPOINT})")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip (or, before 1.6, a pickle)
+        raise ValueError(f"{path} is not a PyTorch checkpoint (it starts with {head!r}, not a zip archive); "
+                         f"expected {EXPECTED_CHECKPOINT}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # zip, pickle and torch each raise their own types for a damaged file
+        first_line = (str(e).strip().splitlines() or [""])[0][:120]
+        raise ValueError(f"{path} could not be read by torch.load ({type(e).__name__}: {first_line}); "
+                         f"expected {EXPECTED_CHECKPOINT}") from e
+    check_is_backbone(path, ckpt)
     model_args = ckpt.get("model_args")
     sidecar = path.with_suffix(".json")
     if model_args is None and sidecar.exists():
@@ -506,8 +540,9 @@ def load_model(path, map_location="cpu"):
     model_keys, ckpt_keys = set(model.state_dict()), set(sd)
     missing, unexpected = sorted(model_keys - ckpt_keys), sorted(ckpt_keys - model_keys)
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint {path} does not match the model:\n  missing keys: {missing}\n"
-                           f"  unexpected keys: {unexpected}")
+        raise RuntimeError(f"checkpoint {path} does not match the model built from its model_args: "
+                           f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys "
+                           f"{unexpected[:5]}")
     model.load_state_dict(sd, strict=True)  # also rejects shape mismatches
     return model.eval()
 
@@ -517,21 +552,30 @@ def load_model(path, map_location="cpu"):
 # --------------------------------------------------------------------------------------------------------------------
 @dataclass
 class BenchConfig:
+    # --- what to run
     bench: bool = False  # run the ViT-S/14 CPU benchmark instead of the smoke run
+    # --- benchmark sizes
     batch_224: int = 8  # images per step at 224x224 (261 tokens with 4 registers)
     batch_518: int = 1  # images per step at 518x518 (1374 tokens); not 8: ~15-30 s per fwd+bwd on 2 cores
     repeats: int = 3  # timed repeats per configuration (median reported), after one warm-up
     threads: int = 0  # torch threads; 0 = leave torch's default
 
+    def __post_init__(self):
+        self.check()
 
-def parse_config():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(BenchConfig):
-        if f.type is bool or f.type == "bool":
-            parser.add_argument(f"--{f.name}", action="store_true", default=f.default)
-        else:
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
-    return BenchConfig(**vars(parser.parse_args()))  # unknown flags are an argparse error
+    def check(self):
+        from cli import at_least  # the command line's helpers; the model itself imports nothing of the project
+        at_least("batch_224", self.batch_224, 1)
+        at_least("batch_518", self.batch_518, 1)
+        at_least("repeats", self.repeats, 1)
+        at_least("threads", self.threads, 0)
+
+
+def parse_config(argv=None):
+    """Flags from BenchConfig, one convention for every script (cli.py): `--bench` alone = `--bench true`."""
+    import cli  # here, not at the top: importing model.py as a library needs nothing else of the project
+    cfg, _ = cli.parse_config(BenchConfig, argv, description=__doc__.split("\n\n")[0], prog="model.py")
+    return cfg
 
 
 def median_seconds(fn, repeats):
@@ -596,8 +640,8 @@ def smoke():
         print(f"{name:14s} {sum(p.numel() for p in m.parameters()) / 1e6:9.2f} M parameters")
 
 
-def main():
-    cfg = parse_config()
+def main(argv=None):
+    cfg = parse_config(argv)
     print(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
