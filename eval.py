@@ -3,28 +3,31 @@
 Any checkpoint that model.load_model reads works: ours (runs/<name>/teacher_backbone.pth, a train.py
 checkpoint.pth, distill.py's <student>_backbone.pth) or a released one (dinov2_vits14_pretrain.pth).
 Images are fed at the checkpoint's own training size (its position embedding's, e.g. 28 px for
-train.py's tiny preset), at most the paper's 224 px, unless --image_size says otherwise. Each command
-prints a small table and writes <checkpoint stem>_eval_<command>.json, and the pictures, to --out
-(default: beside the checkpoint); a folder it cannot write to is an error before any work.
+train.py's tiny preset), at most the paper's 224 px, unless --image_size says otherwise. Each
+command prints a small table and writes <checkpoint stem>_eval_<command>.json, and the pictures, to
+--out (default: beside the checkpoint); a folder it cannot write to is an error before any work.
 
 Run:
-    python eval.py knn runs/tiny/teacher_backbone.pth --preset tiny    # Fashion-MNIST 60k / 10k
+    python eval.py knn runs/tiny/teacher_backbone.pth --preset tiny     # Fashion-MNIST 60k / 10k
     python eval.py linear runs/tiny/teacher_backbone.pth --preset tiny
     python eval.py retrieval runs/tiny/teacher_backbone.pth --preset tiny
-    python eval.py pca runs/tiny/teacher_backbone.pth fashion-mnist:19 fashion-mnist:2  # test images
-    python eval.py pca dinov2_vits14_pretrain.pth a.jpg b.jpg       # one PCA over both (Fig. 1 style)
-    python eval.py attention dinov2_vits14_pretrain.pth a.jpg       # input, mean and every head
-    python eval.py knn dinov2_vits14_pretrain.pth --data /data/imagenet   # train/ and val/ class folders
-    python eval.py --help                                           # every flag, default and type
+    python eval.py pca runs/tiny/teacher_backbone.pth fashion-mnist:19 fashion-mnist:2   # test images
+    python eval.py pca dinov2_vits14_pretrain.pth a.jpg b.jpg    # one PCA over both (Fig. 1 style)
+    python eval.py attention dinov2_vits14_pretrain.pth a.jpg    # input, mean and every head
+    python eval.py knn dinov2_vits14_pretrain.pth --data /data/imagenet  # train/, val/ class folders
+    python eval.py --help                                        # every flag, default and type
 Every field of EvalConfig is a flag, one convention for every script (cli.py: --knn_ks 10,20).
 The preset "tiny" (PRESETS) only sizes the work for a 28-px model on 2 CPU cores.
 
 What it reaches, from the README's results table (train.py's tiny preset, 7-px patches, width 192,
 depth 4, 1,800 steps, as of commit 3516818; 2 shared CPU cores):
-    `python eval.py knn runs/tiny/teacher_backbone.pth --preset tiny`: k-NN top-1 81.0 / 80.6 / 79.9 /
-    79.5% at k = 10 / 20 / 100 / 200, 91 s; `python eval.py linear ... --preset tiny`: 82.8%, 247 s,
-    measured before the probe trained the official 10 epochs at batch 1,024 (it then ran 3,000 steps of
-    256 = 14 epochs). Feature extraction dominates the cost; pca / attention take about a second.
+    `python eval.py knn runs/tiny/teacher_backbone.pth --preset tiny`: k-NN top-1 81.0 / 80.6 /
+    79.9 / 79.5% at k = 10 / 20 / 100 / 200, 91 s; `python eval.py linear ... --preset tiny`: 82.8%,
+    247 s, measured before the probe trained the official 10 epochs at batch 1,024 (it then ran
+    3,000 steps of 256 = 14 epochs). The probe as it is now, on the same architecture at random
+    initialisation (`python eval.py linear <random tiny backbone> --preset tiny`, commit of this
+    line): 528 steps of 1,024 = 10 epochs, 298 s (features 109 s), best lr 0.05-0.1 (inside the
+    paper's grid), 68.4% test. pca / attention take about a second.
 
 Paper (arXiv 2304.07193) -> code
     Sec. 6.1 Table 1 k-NN column (DINO protocol: k in {10,20,100,200}, T=0.07) -> run_knn (votes: data.knn_classify)
@@ -75,10 +78,11 @@ from model import load_model
 @dataclass
 class EvalConfig:
     # --- data
-    data: str = "fashion-mnist"  # labelled train split: "fashion-mnist", a folder of IDX files, or image folders
-    test_data: str = ""  # test split; "" = build_dataset(data, train=False) (val/ or test/ inside `data`)
-    image_size: int = 0  # px side fed to the backbone, a multiple of the patch size; 0 = the checkpoint's
-    #                      training size (its position embedding's), at most 224 (paper: 224)
+    data: str = "fashion-mnist"  # labelled train split: "fashion-mnist", a folder of IDX files,
+    #                              or image folders
+    test_data: str = ""  # test split; "" = build_dataset(data, train=False) (val/ or test/ in data)
+    image_size: int = 0  # px side fed to the backbone, a multiple of the patch size; 0 = the
+    #                      checkpoint's training size (its position embedding's), at most 224 (paper)
     batch_size: int = 256  # images per forward pass when extracting features (official knn.py: 256)
     num_workers: int = 0  # DataLoader workers for feature extraction
     device: str = "auto"  # "auto" = cuda when available, else cpu; or cpu, cuda, cuda:1, mps
@@ -89,21 +93,23 @@ class EvalConfig:
     knn_temperature: float = 0.07  # T in the vote weights softmax(similarity / T)
     # --- linear probe (Sec. 7.1, App. B.3; values of the released eval/linear.py)
     linear_n_blocks: tuple = (1, 4)  # class tokens of the last n blocks, concatenated
-    linear_lrs: tuple = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)  # x batch/256
-    linear_batch_size: int = 1024  # global batch: official 128 per GPU x 8 GPUs; lr = grid value x batch / 256
-    linear_epochs: float = 10.0  # passes over the training features (official 12,500 x 1,024 = 10 ImageNet
-    #                              epochs), cosine decay to 0
+    linear_lrs: tuple = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2,
+                         0.1)  # the grid; each is multiplied by batch / 256
+    linear_batch_size: int = 1024  # global batch: official 128 per GPU x 8 GPUs
+    linear_epochs: float = 10.0  # passes over the training features (official: 12,500 x 1,024 =
+    #                              10 ImageNet epochs), cosine decay to 0
     linear_momentum: float = 0.9  # SGD momentum, weight decay 0
-    linear_val_fraction: float = 0.1  # ours: held-out part of the training set that picks the grid point
+    linear_val_fraction: float = 0.1  # ours: held-out part of train that picks the grid point
     # --- retrieval / copy detection (Sec. 7.3, Sec. 3)
     retrieval_originals: int = 200  # (ours) database images whose copies are searched for
     retrieval_distractors: int = 1800  # (ours) further database images that are never copied
     retrieval_copies: int = 2  # (ours) edited copies per original and strength (the queries)
-    retrieval_strengths: tuple = (0.0, 0.25, 0.5, 1.0)  # (ours) edit strength in [0,1]; 0 = identical copy
+    retrieval_strengths: tuple = (0.0, 0.25, 0.5, 1.0)  # (ours) edit strength in [0,1]; 0 = a copy
     # --- pictures (Sec. 7.5)
-    picture_size: int = 0  # (ours) shorter side in px fed for pca/attention, rounded to whole patches;
+    picture_size: int = 0  # (ours) shorter side in px fed for pca/attention, in whole patches;
     #                        0 = the checkpoint's training size, at most 448
-    pca_threshold: float = 0.0  # (ours, the paper gives none) foreground = first PC above this many std
+    pca_threshold: float = 0.0  # (ours; the paper gives none) foreground = first PC above this
+    #                             many standard deviations
     sheet_height: int = 160  # px height of each panel of the pca and attention sheets
 
     def __post_init__(self):
@@ -133,28 +139,30 @@ class EvalConfig:
 
 DEVICES = ("cpu", "cuda", "mps")  # torch device names; "cuda:1" is cuda's second GPU
 
-# Named overrides of EvalConfig for --preset, the same concept as train.PRESETS (cli.parse_config reads
-# both). The image size comes from the checkpoint, so a preset only sizes the work: "tiny" is the one for
-# a backbone of train.py's tiny preset on Fashion-MNIST (28 px), every command in minutes on 2 CPU cores.
+# Named overrides of EvalConfig for --preset, the same concept as train.PRESETS (cli.parse_config
+# reads both). The image size comes from the checkpoint, so a preset only sizes the work: "tiny" is
+# for a backbone of train.py's tiny preset on Fashion-MNIST (28 px), each command in minutes on 2 CPUs.
 PRESETS = {
-    # larger feature batches (28 px images are cheap); smaller PCA rows. The lr grid goes on up to 1.0:
-    # at the paper's batch scaling 28-px features were best at the grid's upper edge (eval.py linear on the
-    # tiny teacher of commit 2cca678)
+    # larger feature batches (28 px images are cheap), smaller sheet panels, and the lr grid goes on
+    # to 1.0 in case small features want larger steps than ImageNet's (best seen on the earlier
+    # probe, commit 2cca678: 0.2 x 256 / 256, i.e. 0.05 at batch 1,024, inside the paper's grid)
     "tiny": dict(batch_size=512, linear_lrs=EvalConfig.linear_lrs + (0.2, 0.5, 1.0), sheet_height=112),
 }
 COMMANDS = ("knn", "linear", "retrieval", "pca", "attention")
 
 
 def parse_config(argv=None):
-    """`python eval.py <command> <checkpoint> [images] --field value` -> (cfg, args) with args.command,
-    args.checkpoint, args.images. One convention for every script (cli.py)."""
+    """`python eval.py <command> <checkpoint> [images] --field value` -> (cfg, args) with
+    args.command, args.checkpoint, args.images. One convention for every script (cli.py)."""
     positionals = [("command", "what to measure or draw", dict(choices=COMMANDS)),
                    ("checkpoint", "anything model.load_model reads (.pth/.pt)", {}),
-                   ("images", "pca / attention: image files, or fashion-mnist:<test index>", dict(nargs="*"))]
-    cfg, args = cli.parse_config(EvalConfig, argv, presets=PRESETS, description=__doc__.split("\n\n")[0],
-                                 positionals=positionals, prog="eval.py")
+                   ("images", "pca / attention: image files, or fashion-mnist:<test index>",
+                    dict(nargs="*"))]
+    cfg, args = cli.parse_config(EvalConfig, argv, presets=PRESETS, positionals=positionals,
+                                 description=__doc__.split("\n\n")[0], prog="eval.py")
     if args.command in ("pca", "attention") and not args.images:
-        cli.error(f"{args.command} needs at least one image (a file, or fashion-mnist:<test index>)", "eval.py")
+        cli.error(f"{args.command} needs at least one image (a file, or fashion-mnist:<index>)",
+                  "eval.py")
     if args.command not in ("pca", "attention") and args.images:
         cli.error(f"{args.command} takes no images, got {args.images}", "eval.py")
     return cfg, args
@@ -165,15 +173,16 @@ def resolve_device(name):
 
 
 def trained_size(backbone):
-    """px side the backbone was trained at: its position embedding's grid times the patch size (28 for the
-    tiny preset, 518 for released models, as in the checkpoint's sidecar JSON)."""
+    """px side the backbone was trained at: its position embedding's grid times the patch size (28
+    for the tiny preset, 518 for released models, as in the checkpoint's sidecar JSON)."""
     return math.isqrt(backbone.pos_embed.shape[1] - 1) * backbone.patch_size
 
 
 def default_sizes(cfg, backbone):
     """0 in image_size / picture_size -> the training size, capped at the paper's 224 / 448 px."""
     size = trained_size(backbone)
-    return replace(cfg, image_size=cfg.image_size or min(size, 224), picture_size=cfg.picture_size or min(size, 448))
+    return replace(cfg, image_size=cfg.image_size or min(size, 224),
+                   picture_size=cfg.picture_size or min(size, 448))
 
 
 def check_image_size(backbone, size):
@@ -213,27 +222,28 @@ def load_splits(cfg):
     test_set = build_dataset(cfg.test_data or cfg.data, train=False)
     if getattr(train_set, "paths", None) is not None and train_set.paths == getattr(test_set, "paths", None):
         raise ValueError(f"{cfg.data} has no train/ and val/ (or test/) sub-folders: pass --test_data <folder>")
-    shared_class_index(train_set, test_set)
+    shared_class_index(train_set, test_set)  # before any feature is computed
     return train_set, test_set
 
 
 def shared_class_index(train_set, test_set):
-    """Image folders number their own class sub-folders (sorted), so when train/ and val/ hold different
-    folders the same index would mean different classes in each ("c" in val gets train's "b"). Renumber both
-    from the sorted union of the names, in place, and say which classes only one split has: a class missing
-    from train/ can never be predicted, so its test images count as errors."""
-    train_classes, test_classes = getattr(train_set, "classes", None), getattr(test_set, "classes", None)
+    """Image folders number their own class sub-folders (sorted), so when train/ and val/ hold
+    different folders the same index would mean different classes in each ("c" in val would get
+    train's "b"). Renumber both from the sorted union of the names, in place, and say which classes
+    only one split has: a class missing from train/ is never predicted, its test images count wrong."""
+    train_classes = getattr(train_set, "classes", None)
+    test_classes = getattr(test_set, "classes", None)
     if train_classes is None or test_classes is None or list(train_classes) == list(test_classes):
         return
     union = sorted(set(train_classes) | set(test_classes))
     for dataset in (train_set, test_set):
-        index = np.array([union.index(c) for c in dataset.classes] + [-1])  # [C+1]; -1 (no class) stays -1
+        index = np.array([union.index(c) for c in dataset.classes] + [-1])  # [C+1]; -1 stays -1
         dataset.labels = index[dataset.labels]
         dataset.classes = union
     only_train = sorted(set(train_classes) - set(test_classes))
     only_test = sorted(set(test_classes) - set(train_classes))
-    print(f"note: train and test class folders differ; labels follow the union of {len(union)} names "
-          f"(only in train: {only_train or 'none'}; only in test: {only_test or 'none'})")
+    print(f"note: train and test class folders differ; labels follow the union of {len(union)} "
+          f"names (only in train: {only_train or 'none'}; only in test: {only_test or 'none'})")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -271,8 +281,8 @@ def train_linear_grid(cls, avgpool, labels, n_blocks_list, num_classes, lrs, ite
                       seed=0, device="cpu"):
     """SGD on one batched linear layer per feature variant: weight [L,Din,C] holds the L heads that differ only by
     learning rate, so all grid points see the same batches and train in one loop. Init N(0, 0.01), bias 0, lr scaled
-    by batch/256 and decayed with a cosine to 0, weight decay 0 (official eval/linear.py). A training set smaller
-    than the batch is one batch, and the lr is scaled by that smaller batch.
+    by batch/256 and decayed with a cosine to 0, weight decay 0 (official eval/linear.py).
+    A training set smaller than the batch is one batch, and the lr is scaled by that smaller batch.
     -> {variant: (weight [L,Din,C], bias [L,1,C])}."""
     g = torch.Generator().manual_seed(seed)
     batch_size = min(batch_size, len(labels))
@@ -332,11 +342,13 @@ def run_linear(backbone, cfg, device):
     n_val = max(1, int(round(cfg.linear_val_fraction * len(train_y))))
     val, fit = perm[:n_val], perm[n_val:]
     iters = linear_iterations(len(fit), cfg.linear_epochs, cfg.linear_batch_size)
-    print(f"features of {len(train_y)} + {len(test_y)} images in {time.time() - start:.0f} s; training "
-          f"{2 * len(n_blocks_list)} variants x {len(cfg.linear_lrs)} learning rates together: {iters} steps of "
-          f"{min(cfg.linear_batch_size, len(fit))} = {cfg.linear_epochs:g} epochs of {len(fit)} features")
+    print(f"features of {len(train_y)} + {len(test_y)} images in {time.time() - start:.0f} s; "
+          f"training {2 * len(n_blocks_list)} variants x {len(cfg.linear_lrs)} learning rates "
+          f"together: {iters} steps of {min(cfg.linear_batch_size, len(fit))} = "
+          f"{cfg.linear_epochs:g} epochs of {len(fit)} features")
     heads = train_linear_grid(train_cls[fit], train_avg[fit], train_y[fit], n_blocks_list, n_classes,
-                              cfg.linear_lrs, iters, cfg.linear_batch_size, cfg.linear_momentum, cfg.seed, device)
+                              cfg.linear_lrs, iters, cfg.linear_batch_size, cfg.linear_momentum,
+                              cfg.seed, device)
     val_acc = grid_accuracy(heads, train_cls[val], train_avg[val], train_y[val], n_blocks_list)
     best_name, best_l = max(((n, l) for n in val_acc for l in range(len(cfg.linear_lrs))),
                             key=lambda nl: val_acc[nl[0]][nl[1]].item())
@@ -353,9 +365,9 @@ def run_linear(backbone, cfg, device):
 
 
 def linear_iterations(n_train, epochs, batch_size):
-    """SGD steps for `epochs` passes over n_train features. The official probe runs 10 epochs of 1,250 steps at
-    a global batch of 1,024 (128 per GPU x 8): 12.8M samples, 10 passes over ImageNet's 1.28M images. Counting
-    passes, not steps, keeps that amount on any dataset and batch size."""
+    """SGD steps for `epochs` passes over n_train features. The official probe runs 10 epochs of
+    1,250 steps at a global batch of 1,024 (128 per GPU x 8): 12.8M samples, 10 passes over
+    ImageNet's 1.28M images. Counting passes, not steps, keeps that amount on any dataset."""
     return max(1, math.ceil(epochs * n_train / min(batch_size, n_train)))
 
 
@@ -567,15 +579,16 @@ def run_pca(backbone, cfg, device, images, out_dir):
 
 
 def pca_sheet(pictures, pcas, height):
-    """Inputs on top, their PCA pictures below, each scaled to `height` px tall, aspect kept (as in Fig. 1)."""
-    top = torch.cat([scale_to_height(p.permute(1, 2, 0), height) for p in pictures], dim=1)  # [height,sum W,3]
+    """Inputs on top, their PCA pictures below, each `height` px tall, aspect kept (as in Fig. 1)."""
+    # side by side: [height, sum of the widths, 3]
+    top = torch.cat([scale_to_height(p.permute(1, 2, 0), height) for p in pictures], dim=1)
     bottom = torch.cat([scale_to_height(p, height) for p in pcas], dim=1)
     return torch.cat([top, bottom], dim=0)  # [2*height, sum W, 3]
 
 
 def scale_to_height(rgb, height):
-    """[H,W,3] -> [height, W*height/H, 3]. Small images are enlarged with nearest (pixels and patches stay
-    sharp), large ones shrunk with antialiasing."""
+    """[H,W,3] -> [height, W*height/H, 3]. Small images are enlarged with nearest (pixels and
+    patches stay sharp), large ones shrunk with antialiasing."""
     h, w = rgb.shape[:2]
     size, x = (height, max(1, round(w * height / h))), rgb.permute(2, 0, 1)[None]  # [1,3,H,W]
     if h < height:
@@ -586,24 +599,27 @@ def scale_to_height(rgb, height):
 
 
 def overlay(img, attention):
-    """The attention map [h,w] (patch grid) as a heat map over the grey image [3,H,W]: where the class token
-    looks is bright and coloured, the rest keeps the image's shapes, dimmed."""
+    """The attention map [h,w] (patch grid) as a heat map over the grey image [3,H,W]: where the
+    class token looks is bright and coloured, the rest keeps the image's shapes, dimmed."""
     grey = img.mean(0, keepdim=True).expand(3, -1, -1).permute(1, 2, 0)  # [H,W,3]
     hot = upsample(heat(attention), *img.shape[-2:])  # [h,w,3] -> [H,W,3]
     return 0.5 * grey + 0.5 * hot
 
 
 def attention_sheet(img, maps, height, columns=8):
-    """One picture per image: the input, the mean over heads and each head of the last block, overlaid on the
-    input, every panel `height` px tall with a caption above it, at most `columns` panels per row."""
-    panels = [("input", img.permute(1, 2, 0)), (f"mean of {len(maps)} heads", overlay(img, maps.mean(0)))]
+    """One picture per image: the input, the mean over heads and each head of the last block,
+    overlaid on the input, every panel `height` px tall with a caption above it, at most `columns`
+    panels per row (the DINO v1 Fig. 1 kind of picture, with the image under the maps)."""
+    panels = [("input", img.permute(1, 2, 0)),
+              (f"mean of {len(maps)} heads", overlay(img, maps.mean(0)))]
     panels += [(f"head {h}", overlay(img, m)) for h, m in enumerate(maps)]
     rows = math.ceil(len(panels) / columns)
     columns = math.ceil(len(panels) / rows)  # balanced rows: 14 panels -> 2 rows of 7
     caption, gap = 16, 4
     tiles = [(name, scale_to_height(rgb, height)) for name, rgb in panels]
     width = tiles[0][1].shape[1]
-    sheet = Image.new("RGB", (columns * (width + gap) + gap, rows * (height + caption + gap) + gap), (40, 40, 40))
+    size = (columns * (width + gap) + gap, rows * (height + caption + gap) + gap)
+    sheet = Image.new("RGB", size, (40, 40, 40))  # dark grey gaps
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default(size=12)
     for i, (name, tile) in enumerate(tiles):
@@ -617,7 +633,8 @@ def run_attention(backbone, cfg, device, images, out_dir):
     written = []
     for path in images:
         img = load_picture(path)
-        maps = cls_attention(backbone, prepare_picture(img, cfg.picture_size, backbone.patch_size).to(device))
+        x = prepare_picture(img, cfg.picture_size, backbone.patch_size).to(device)
+        maps = cls_attention(backbone, x)  # [H,h,w]
         written.append(str(out_dir / f"{picture_name(path)}_attention.png"))
         attention_sheet(img, maps, cfg.sheet_height).save(written[-1])
         print(f"{written[-1]}: input, mean over {len(maps)} heads, each head of the last block")
@@ -644,9 +661,10 @@ def main(argv=None):
     out_dir = Path(cfg.out) if cfg.out else checkpoint.parent
     check_writable(out_dir)  # before the work, not after it
     backbone = load_backbone(checkpoint)
-    cfg = default_sizes(cfg, backbone)
-    print(f"eval.py {args.command} {checkpoint}: {cli.describe_overrides(cfg, args.preset, PRESETS, EvalConfig)}"
-          f"\nconfig: {json.dumps(asdict(cfg))}")
+    settings = cli.describe_overrides(cfg, args.preset, PRESETS, EvalConfig)
+    cfg = default_sizes(cfg, backbone)  # derived from the checkpoint, printed in the config line
+    print(f"eval.py {args.command} {checkpoint}: {settings}; trained at {trained_size(backbone)} px")
+    print(f"config: {json.dumps(asdict(cfg))}")
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     backbone = backbone.to(device).eval()
@@ -669,26 +687,27 @@ def main(argv=None):
     seconds = time.time() - start
     print(f"{args.command} took {seconds:.1f} s on {device}")
     json_path = out_dir / f"{checkpoint.stem}_eval_{args.command}.json"
-    json_path.write_text(json.dumps({"command": args.command, "checkpoint": str(checkpoint), "preset": args.preset,
-                                     "config": asdict(cfg), "seconds": seconds, "results": results}, indent=1))
+    record = {"command": args.command, "checkpoint": str(checkpoint), "preset": args.preset,
+              "config": asdict(cfg), "seconds": seconds, "results": results}
+    json_path.write_text(json.dumps(record, indent=1))
     print(f"results -> {json_path}")
     return results
 
 
 def check_writable(folder):
-    """Make the output folder and write a probe file into it (os.access says yes to root on a read-only
-    mount), so that a folder the results cannot go to is an error before minutes of feature extraction."""
+    """Make the output folder and write a probe file into it (os.access says yes to root even on a
+    read-only mount), so that a folder the results cannot go to is an error before minutes of work."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".eval_write_test"):
             pass
     except OSError as e:
-        cli.error(f"cannot write the results to {folder} ({e.strerror or e}): pass --out <a writable folder>",
-                  "eval.py")
+        cli.error(f"cannot write the results to {folder} ({e.strerror or e}): "
+                  f"pass --out <a writable folder>", "eval.py")
 
 
 def load_backbone(checkpoint):
-    """model.load_model, with its errors (not a checkpoint, not a backbone, wrong keys) as one line."""
+    """model.load_model, its errors (not a checkpoint, not a backbone, wrong keys) as one line."""
     try:
         return load_model(checkpoint)
     except (OSError, ValueError, RuntimeError) as e:
