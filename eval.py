@@ -25,8 +25,8 @@ depth 4, 1,800 steps, as of commit 3516818; 2 shared CPU cores):
     79.9 / 79.5% at k = 10 / 20 / 100 / 200, 91 s; `python eval.py linear ... --preset tiny`: 82.8%,
     247 s, measured before the probe trained the official 10 epochs at batch 1,024 (it then ran
     3,000 steps of 256 = 14 epochs). The probe as it is now, on the same architecture at random
-    initialisation (`python eval.py linear <random tiny backbone> --preset tiny`, commit of this
-    line): 528 steps of 1,024 = 10 epochs, 298 s (features 109 s), best lr 0.05-0.1 (inside the
+    initialisation (`python eval.py linear <random tiny backbone> --preset tiny`, code of commit
+    200a0ad): 528 steps of 1,024 = 10 epochs, 298 s (features 109 s), best lr 0.05-0.1 (inside the
     paper's grid), 68.4% test. pca / attention take about a second.
 
 Paper (arXiv 2304.07193) -> code

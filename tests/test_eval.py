@@ -202,7 +202,7 @@ def test_pca_and_attention_pngs_have_the_image_size(fixture_vit, tmp_path):
     pca, attn = run_pictures(model_args, state_dict, tmp_path, paths)
     assert [Image.open(p).size for p in pca] == [(75, 50), (40, 64)]  # PIL sizes are (width, height)
     assert Image.open(tmp_path / "pic0_pca_sheet.png").size == (240 + 100, 2 * 160)  # 160 px rows, aspect kept
-    # one attention sheet: input, mean, 4 heads = 6 panels of 240x160 (+16 px caption) in one row, 4 px gaps
+    # one attention sheet: input, mean, 4 heads = 6 panels of 240x160 (+16 px caption), 4 px gaps
     assert len(attn) == 1 and Image.open(attn[0]).size == (6 * (240 + 4) + 4, 160 + 16 + 2 * 4)
 
 
@@ -213,7 +213,9 @@ def test_released_layout_bare_state_dict_without_sidecar(tmp_path):
     torch.save(vit.state_dict(), tmp_path / "hub_like.pth")
     ev.save_png(smooth_picture(30, 45).permute(1, 2, 0), tmp_path / "pic.png")
     res = ev.main(["attention", str(tmp_path / "hub_like.pth"), str(tmp_path / "pic.png"), "--picture_size", "28"])
-    assert len(res["pngs"]) == 1 and Image.open(res["pngs"][0]).size == (4 * (240 + 4) + 4, 160 + 16 + 8)
+    assert len(res["pngs"]) == 1
+    # input, mean, 2 heads: 4 panels of 240 x 160 px
+    assert Image.open(res["pngs"][0]).size == (4 * (240 + 4) + 4, 160 + 16 + 8)
 
 
 def test_fashion_mnist_pictures_by_index(fashion_mnist_dir):
@@ -281,7 +283,8 @@ def test_cli_overrides_presets_and_unknown_keys(capsys):
     for argv, message in [(["--no_such_key", "1"], "unrecognized arguments: --no_such_key"),
                           (["--knn_ks", "10,abc"], "--knn_ks: '10,abc': 'abc' is not an integer"),
                           (["--knn_ks", "0,10"], "--knn_ks: 0,10 is too small; allowed: >= 1"),
-                          (["--device", "tpu"], "--device: tpu is not allowed; allowed: auto, cpu, cuda, mps")]:
+                          (["--device", "tpu"],
+                           "--device: tpu is not allowed; allowed: auto, cpu, cuda, mps")]:
         with pytest.raises(SystemExit) as e:
             ev.parse_config(["knn", "c.pth", *argv])
         assert e.value.code == 2 and message in capsys.readouterr().err
@@ -301,17 +304,18 @@ def test_cli_knn_and_linear_on_a_folder(fixture_vit, tmp_path, capsys):
     knn = ev.main(["knn", str(ckpt), *common, "--knn_ks", "1,5"])
     assert [r["k"] for r in knn["knn"]] == [1, 5] and "top5" not in knn["knn"][0]  # 2 classes: no top-5
     assert (tmp_path / "run" / "ckpt_eval_knn.json").exists()
-    lin = ev.main(["linear", str(ckpt), *common, "--linear_epochs", "30", "--linear_lrs", "0.01,1.0"])
+    lin = ev.main(["linear", str(ckpt), *common, "--linear_epochs", "30",
+                   "--linear_lrs", "0.01,1.0"])
     assert lin["best"]["variant"].startswith("blocks=") and len(lin["grid"]) == 2 * 2 * 2  # 3 blocks < 4 -> 1, 3
     assert lin["iterations"] == 30  # 22 fitted features < batch 1024: one batch per epoch
     assert "top1" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# What a new user runs into: the checkpoint's own size, where results go, files that are not backbones, labels
+# What a new user runs into: the checkpoint's own size, where results go, non-backbones, labels
 # ---------------------------------------------------------------------------------------------------------------
 def save_tiny_backbone(folder, img_size=28, patch_size=7):
-    """What train.py writes for its tiny preset: a bare state dict + <stem>.json with the model_args."""
+    """What train.py writes for its tiny preset: a bare state dict + <stem>.json (model_args)."""
     torch.manual_seed(0)
     model_args = dict(img_size=img_size, patch_size=patch_size, embed_dim=32, depth=2, num_heads=2)
     folder.mkdir(parents=True, exist_ok=True)
@@ -330,20 +334,24 @@ def two_class_folders(root, train_classes=("a", "b"), val_classes=("a", "b"), n=
 def test_image_size_comes_from_the_checkpoint_and_out_redirects_the_json(tmp_path):
     ckpt = save_tiny_backbone(tmp_path / "run")
     data = two_class_folders(tmp_path / "data")
-    ev.main(["knn", str(ckpt), "--data", str(data), "--knn_ks", "1", "--out", str(tmp_path / "results")])
+    ev.main(["knn", str(ckpt), "--data", str(data), "--knn_ks", "1",
+             "--out", str(tmp_path / "results")])
     saved = json.loads((tmp_path / "results" / "teacher_backbone_eval_knn.json").read_text())
-    assert saved["config"]["image_size"] == 28 and saved["config"]["picture_size"] == 28  # no --preset needed
+    assert saved["config"]["image_size"] == 28  # no --preset needed
+    assert saved["config"]["picture_size"] == 28
     assert not (tmp_path / "run" / "teacher_backbone_eval_knn.json").exists()
     big = ev.EvalConfig()
-    assert ev.default_sizes(big, DinoVisionTransformer(img_size=518, patch_size=14, embed_dim=32, depth=1,
-                                                       num_heads=2)).image_size == 224  # released: paper's 224
+    released = DinoVisionTransformer(img_size=518, patch_size=14, embed_dim=32, depth=1,
+                                     num_heads=2)
+    assert ev.default_sizes(big, released).image_size == 224  # the paper's 224, not 518
 
 
 def test_unwritable_output_is_an_error_before_any_work(tmp_path, capsys):
     ckpt = save_tiny_backbone(tmp_path / "run")
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(SystemExit) as e:  # the data folder does not exist: the work would fail if it started
-        ev.main(["knn", str(ckpt), "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "a_file" / "x")])
+    with pytest.raises(SystemExit) as e:  # no such data folder: the work would fail if it started
+        ev.main(["knn", str(ckpt), "--data", str(tmp_path / "nowhere"),
+                 "--out", str(tmp_path / "a_file" / "x")])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("eval.py: error: cannot write the results to ")
     assert err.endswith("pass --out <a writable folder>") and len(err.splitlines()) == 1
@@ -361,7 +369,8 @@ def test_files_that_are_not_backbones_are_one_line_errors(tmp_path, capsys, cont
     if content == "tensor":
         torch.save(torch.randn(4, 4), path)
     elif content == "distill":  # distill.py's checkpoint layout
-        torch.save({"config": {}, "step": 3, "students": [{"name": "vit_tiny_d2", "ema": {}}]}, path)
+        torch.save({"config": {}, "step": 3, "students": [{"name": "vit_tiny_d2", "ema": {}}]},
+                   path)
     elif content == "heads":
         torch.save({"dino_head.mlp.0.weight": torch.randn(2, 2)}, path)
     elif content == "text":
@@ -377,16 +386,18 @@ def test_train_and_val_class_folders_share_one_index(tmp_path, capsys):
     data = two_class_folders(tmp_path / "data", train_classes=("a", "b"), val_classes=("a", "c"))
     train_set, test_set = ev.load_splits(ev.EvalConfig(data=str(data)))
     assert train_set.classes == test_set.classes == ["a", "b", "c"]
-    assert sorted(set(train_set.labels.tolist())) == [0, 1] and sorted(set(test_set.labels.tolist())) == [0, 2]
+    assert sorted(set(train_set.labels.tolist())) == [0, 1]
+    assert sorted(set(test_set.labels.tolist())) == [0, 2]
     assert test_set[len(test_set) - 1][1] == 2  # val/c: index 2 ("c"), not 1 (train's "b")
     assert "only in train: ['b']; only in test: ['c']" in capsys.readouterr().out
 
 
 def test_linear_probe_trains_the_official_number_of_epochs():
-    # official: 10 epochs of 1,250 steps at batch 1,024 = 12,500 steps ~ 10 passes over ImageNet's 1,281,167
+    # official: 10 epochs of 1,250 steps at batch 1,024 = 12,500 steps ~ 10 passes over
+    # ImageNet's 1,281,167 images
     assert ev.linear_iterations(1_281_167, 10, 1024) == 12_512
     assert ev.linear_iterations(54_000, 10, 1024) == 528  # Fashion-MNIST minus the held-out 10%
-    assert ev.linear_iterations(20, 10, 1024) == 10  # fewer features than a batch: one batch per epoch
+    assert ev.linear_iterations(20, 10, 1024) == 10  # fewer features than a batch: 1 per epoch
 
 
 def test_attention_sheet_shows_input_mean_and_heads():
@@ -396,8 +407,9 @@ def test_attention_sheet_shows_input_mean_and_heads():
     sheet = np.asarray(ev.attention_sheet(img, maps, height=112), dtype=np.float32) / 255
     assert sheet.shape == (112 + 16 + 8, 5 * (112 + 4) + 4, 3)  # input, mean, 3 heads
     panel = lambda i: sheet[4 + 16:4 + 16 + 112, 4 + i * 116:4 + i * 116 + 112]  # [112,112,3]
-    expected_input = F.interpolate(img[None], size=(112, 112), mode="nearest")[0].permute(1, 2, 0).numpy()
+    expected_input = F.interpolate(img[None], size=(112, 112), mode="nearest")[0]  # [3,112,112]
+    expected_input = expected_input.permute(1, 2, 0).numpy()
     assert np.abs(panel(0) - expected_input).max() < 1 / 255 + 1e-6  # the input itself
-    for i in range(1, 5):  # the attended patch (row 1, column 2 of 4x4 = 28 px blocks) is the brightest
+    for i in range(1, 5):  # the attended patch (row 1, column 2 of 4x4 blocks) is the brightest
         brightness = panel(i).mean(-1)
         assert brightness[28:56, 56:84].mean() > brightness.mean() + 0.2
