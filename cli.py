@@ -36,6 +36,7 @@ import tokenize
 
 from tqdm import tqdm
 
+KINDS = ("bool", "int", "float", "str", "tuple")  # field types a flag can have
 BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -95,7 +96,9 @@ def kind_of(field):
     `from __future__ import annotations`)."""
     t = field.type
     name = t if isinstance(t, str) else getattr(t, "__name__", str(t))
-    return name if name in ("bool", "int", "float", "str", "tuple") else "str"
+    if name not in KINDS:  # a list or Optional field would otherwise be parsed as text, silently
+        raise TypeError(f"cli: field {field.name} is typed {name}; a flag needs one of {KINDS}")
+    return name
 
 
 def element_kind(default):

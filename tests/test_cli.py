@@ -157,6 +157,15 @@ def test_check_errors_exit_2_with_one_line(capsys, argv, message):
     assert "Traceback" not in err
 
 
+def test_a_field_type_without_a_flag_convention_is_refused_when_the_parser_is_built():
+    @dataclass
+    class Listy:
+        sizes: list = None  # a list would otherwise be parsed as one string
+
+    with pytest.raises(TypeError, match="field sizes is typed list"):
+        cli.parse_config(Listy, [])
+
+
 def test_configs_built_in_code_are_checked_too():
     with pytest.raises(ValueError, match="--centering: foo is not allowed"):
         Config(centering="foo")
