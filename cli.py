@@ -30,6 +30,7 @@ import dataclasses
 import inspect
 import io
 import math
+import shutil
 import sys
 import textwrap
 import tokenize
@@ -175,7 +176,7 @@ def build_parser(config_cls, presets=None, default_preset=None, description="", 
     None, which means "not given"."""
     presets = presets or {}
     parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
-                                     formatter_class=_formatter)
+                                     formatter_class=HelpFormatter)
     parser.usage = short_usage(parser.prog, presets, extra_flags, positionals)
     for name, help_text, kwargs in _normalise(positionals or (), positional=True):
         parser.add_argument(name, help=help_text, **kwargs)
@@ -220,8 +221,16 @@ def short_usage(prog, presets, extra_flags, positionals):
     return " ".join(words + ["[--<field> VALUE ...]  (--help lists the fields)"])
 
 
-def _formatter(prog):
-    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=30)
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's, 100 columns wide when the output is not a terminal (argparse: 80), and never
+    breaking a line inside fashion-mnist or comma-separated."""
+
+    def __init__(self, prog):
+        width = shutil.get_terminal_size((102, 24)).columns - 2
+        super().__init__(prog, max_help_position=30, width=width)
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 def _normalise(entries, positional):
