@@ -81,12 +81,17 @@ def _class_field_docs(cls):
             text, alone = comments.get(node.end_lineno, ("", True))
             text = "" if alone else text
             row = node.end_lineno + 1  # comment-only lines right below a comment continue it
-            while text and row in comments and comments[row][1] and not comments[row][0].startswith("---"):
+            while text and _continues(comments.get(row)):
                 text, row = f"{text} {comments[row][0]}", row + 1
             above = [title for start, title in section_lines if start < node.lineno]
             section = above[-1] if above else ""
             docs[node.target.id] = (text, section)
     return docs
+
+
+def _continues(comment):
+    """A comment alone on its line that is not a section title: it goes on with the one above."""
+    return comment is not None and comment[1] and not comment[0].startswith("---")
 
 
 # --------------------------------------------------------------------------------------------------
