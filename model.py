@@ -540,9 +540,10 @@ def load_model(path, map_location="cpu"):
     model_keys, ckpt_keys = set(model.state_dict()), set(sd)
     missing, unexpected = sorted(model_keys - ckpt_keys), sorted(ckpt_keys - model_keys)
     if missing or unexpected:
+        def listed(keys):  # one line even when a whole block is missing
+            return f"{keys[:6]}" + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
         raise RuntimeError(f"checkpoint {path} does not match the model built from its model_args: "
-                           f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys "
-                           f"{unexpected[:5]}")
+                           f"missing keys: {listed(missing)}; unexpected keys: {listed(unexpected)}")
     model.load_state_dict(sd, strict=True)  # also rejects shape mismatches
     return model.eval()
 
