@@ -188,7 +188,7 @@ def build_parser(config_cls, presets=None, default_preset=None, description="", 
     if presets:
         names = ["paper", *presets]
         start = default_preset or "paper"
-        parser.add_argument("--preset", choices=names, default=start, help=(
+        parser.add_argument("--preset", choices=names, default=None, help=(
             f"named overrides of the defaults, applied before the flags given here; "
             f"'paper' = the dataclass defaults (default: {start})"))
     for name, help_text, kwargs in _normalise(extra_flags or (), positional=False):
@@ -260,7 +260,8 @@ def parse_config(config_cls, argv=None, presets=None, default_preset=None, descr
     """Command line -> (cfg, args).
 
     cfg = config_cls(defaults, then presets[args.preset], then the flags given). args has .preset
-    (the preset used; "paper" = none), .overrides ({field: value} of the flags given), each extra
+    (the preset used; "paper" = none), .preset_given (False when default_preset applied because
+    --preset was not given), .overrides ({field: value} of the flags given), each extra
     flag and each positional. extra_flags / positionals: (name, help) or (name, help, argparse
     kwargs); an extra flag given as (name, help) is a switch (store_true). Errors exit with
     status 2, argparse's way."""
@@ -270,7 +271,8 @@ def parse_config(config_cls, argv=None, presets=None, default_preset=None, descr
     args = parser.parse_args(argv)
     names = [f.name for f in dataclasses.fields(config_cls)]
     args.overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    args.preset = getattr(args, "preset", None) or "paper"
+    args.preset_given = getattr(args, "preset", None) is not None
+    args.preset = getattr(args, "preset", None) or default_preset or "paper"
     values = {**presets.get(args.preset, {}), **args.overrides}
     try:
         cfg = config_cls(**values)

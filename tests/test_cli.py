@@ -178,7 +178,8 @@ def test_preset_then_flags_and_paper_means_the_defaults():
     cfg, args = parse(["--batch_size", "32"], default_preset="tiny")
     assert (args.preset, cfg.data, cfg.batch_size) == ("tiny", "tiny-data", 32)
     assert cfg.mask_ratio == (0.2, 0.4)
-    assert args.overrides == {"batch_size": 32}
+    assert args.overrides == {"batch_size": 32} and args.preset_given is False
+    assert parse(["--preset", "tiny"], default_preset="tiny")[1].preset_given is True
     cfg, args = parse(["--preset", "paper"], default_preset="tiny")
     assert cfg == Config() and args.preset == "paper"
     cfg, args = parse([])  # no default preset: the dataclass defaults
