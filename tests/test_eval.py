@@ -392,6 +392,13 @@ def test_train_and_val_class_folders_share_one_index(tmp_path, capsys):
     assert "only in train: ['b']; only in test: ['c']" in capsys.readouterr().out
 
 
+def test_linear_defaults_are_the_official_ones():
+    # dinov2/eval/linear.py: learning_rates, epochs=10, batch_size=128 per GPU (x 8 GPUs), scale_lr
+    cfg = ev.EvalConfig()
+    assert cfg.linear_lrs == (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
+    assert (cfg.linear_epochs, cfg.linear_batch_size, cfg.linear_n_blocks) == (10, 128 * 8, (1, 4))
+
+
 def test_linear_probe_trains_the_official_number_of_epochs():
     # official: 10 epochs of 1,250 steps at batch 1,024 = 12,500 steps ~ 10 passes over
     # ImageNet's 1,281,167 images
