@@ -11,10 +11,11 @@ Paper -> code
   Sec. 4 / App. B multi-crop augmentation (2 global, 8 local crops) .. MultiCropCollate, augment_crops
   App. B colour jitter, grayscale, blur, solarisation ................ color_jitter, random_grayscale,
                                                                         gaussian_blur, solarize
-  Sec. 4 patch-level objective (iBOT): block masking ................. block_mask, sample_masks
+  Sec. 4 patch-level objective (iBOT): block masking ................. block_mask, mask_plan, sample_masks
   Sec. 7 evaluation transform (resize, centre crop, normalise) ....... eval_transform
   DINO v1 weighted k-NN (k=20, T=0.07), used in Sec. 7 tables ........ extract_features, knn_classify
-  Data order and augmentation randomness as functions of the step .... StepBatchSampler, SeededItems (exact resume)
+  Data order and augmentation as functions of (seed, step, sample) ... GlobalBatchSampler, SeededItems, Draws
+                                                                        (exact resume, any number of GPUs)
 
 Datasets: Fashion-MNIST from its IDX files (Debian package dataset-fashion-mnist), or any folder of images
 (recursive; class sub-folders used only for evaluation; unreadable images skipped and counted).
@@ -22,10 +23,15 @@ Datasets: Fashion-MNIST from its IDX files (Debian package dataset-fashion-mnist
 Shape legend: B batch, N patches per crop, C classes, G / L global / local crop size in pixels.
 """
 import gzip
+import hashlib
+import http.client
 import multiprocessing
 import os
 import struct
+import urllib.error
+import urllib.request
 import warnings
+import zlib
 from functools import partial
 
 import numpy as np
@@ -61,7 +67,114 @@ def _find_idx(root, name):
             return os.path.join(root, candidate)
     raise FileNotFoundError(
         f"Fashion-MNIST file {name}(.gz) not found in {root}. Install it with "
-        f"`apt-get install dataset-fashion-mnist` (puts it in {FASHION_MNIST_DIR}) or pass --data <folder>.")
+        f"`apt-get install dataset-fashion-mnist` (puts it in {FASHION_MNIST_DIR}), pass "
+        f"--data <folder> with the four IDX files, or --data fashion-mnist to download them.")
+
+
+# The four files of the Zalando fashion-mnist README ("Get the Data"), with two MD5s each: the
+# README's MD5 of the .gz as Zalando serves it, and the MD5 of the decompressed IDX file. Debian's
+# dataset-fashion-mnist re-compressed the files (other gzip headers, so other .gz MD5s: f78720b4...
+# for t10k-images), while the decompressed bytes are Zalando's (checked against
+# /usr/share/datasets/fashion-mnist), so a file is accepted if either MD5 matches.
+# Smallest first: a broken server is found within kilobytes.
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FASHION_MNIST_FILES = {  # name: (MD5 of the .gz (README), MD5 of the decompressed IDX file)
+    "t10k-labels-idx1-ubyte.gz":
+        ("bb300cfdad3c16e7a12a480ee83cd310", "15d484375f8d13e6eb1aabb0c3f46965"),
+    "train-labels-idx1-ubyte.gz":
+        ("25c81989df183df01b3e8a0aad5dffbe", "9018921c3c673c538a1fc5bad174d6f9"),
+    "t10k-images-idx3-ubyte.gz":
+        ("bef4ecab320f06d8554ea6380940ec79", "8181f5470baa50b63fa0f6fddb340f0a"),
+    "train-images-idx3-ubyte.gz":
+        ("8d4fb7e6c68d591d4c3dfef9ec88bf0d", "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
+}
+
+
+class DownloadError(RuntimeError):
+    """Fashion-MNIST could not be fetched or did not verify; the message says what to do instead."""
+
+
+def fashion_mnist_cache():
+    """Where the download goes: $DINOV2_FASHION_MNIST, else
+    $XDG_CACHE_HOME (default ~/.cache)/dinov2-flat/fashion-mnist."""
+    if os.environ.get("DINOV2_FASHION_MNIST"):
+        return os.environ["DINOV2_FASHION_MNIST"]
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "dinov2-flat", "fashion-mnist")
+
+
+def fashion_mnist_root():
+    """The folder with the four IDX files for --data fashion-mnist: Debian's package if installed,
+    else the cache, downloading into it what is missing."""
+    if all(os.path.exists(os.path.join(FASHION_MNIST_DIR, name)) for name in FASHION_MNIST_FILES):
+        return FASHION_MNIST_DIR
+    cache = fashion_mnist_cache()
+    if not all(os.path.exists(os.path.join(cache, name)) for name in FASHION_MNIST_FILES):
+        print(f"Fashion-MNIST is not in {FASHION_MNIST_DIR} (Debian's dataset-fashion-mnist) "
+              f"nor in {cache}")
+        download_fashion_mnist(cache)
+    return cache
+
+
+def download_fashion_mnist(folder, base_url=None, timeout=60):
+    """Fetch the missing Fashion-MNIST files into `folder` from base_url (default
+    $DINOV2_FASHION_MNIST_URL, else Zalando's FASHION_MNIST_URL). Each file is read whole, checked
+    against its MD5 (either of FASHION_MNIST_FILES), written under a temporary name unique to this
+    process and renamed, so the folder never holds a partial or unverified file, even with two runs
+    downloading at once. Standard library only."""
+    base_url = base_url or os.environ.get("DINOV2_FASHION_MNIST_URL") or FASHION_MNIST_URL
+    missing = [n for n in FASHION_MNIST_FILES if not os.path.exists(os.path.join(folder, n))]
+    if missing:
+        print(f"downloading {len(missing)} Fashion-MNIST files (30 MB in all) from {base_url} "
+              f"into {folder}", flush=True)
+        os.makedirs(folder, exist_ok=True)
+    for name in missing:
+        url = base_url.rstrip("/") + "/" + name
+        payload = _fetch(url, timeout)
+        _verify(name, payload, url)
+        path = os.path.join(folder, name)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(payload)
+            os.replace(tmp, path)  # atomic: the final name only ever holds a whole, verified file
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        print(f"  {name}: {len(payload):,} bytes, MD5 verified", flush=True)
+
+
+def _fetch(url, timeout):
+    offline = (f"could not download {url}: %s. Without internet, either "
+               f"`apt-get install dataset-fashion-mnist` (Debian/Ubuntu; puts the files in "
+               f"{FASHION_MNIST_DIR}), or copy the four files {', '.join(FASHION_MNIST_FILES)} "
+               f"into a folder and pass --data <folder>")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.read()  # raises IncompleteRead when the body is shorter than announced
+    except http.client.IncompleteRead as e:
+        got, announced = len(e.partial), len(e.partial) + (e.expected or 0)
+        reason = f"the connection closed after {got:,} of {announced:,} bytes"
+        raise DownloadError(offline % reason) from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        raise DownloadError(offline % (getattr(e, "reason", None) or e)) from None
+
+
+def _verify(name, payload, url):
+    gz_md5, idx_md5 = FASHION_MNIST_FILES[name]
+    payload_md5 = hashlib.md5(payload).hexdigest()
+    if payload_md5 == gz_md5:
+        return
+    try:
+        content_md5 = hashlib.md5(gzip.decompress(payload)).hexdigest()
+    except (OSError, EOFError, zlib.error) as e:  # not gzip, cut short, or damaged
+        content_md5 = f"none: not a complete gzip file ({e})"
+    if content_md5 != idx_md5:
+        raise DownloadError(
+            f"{url} failed its checksum: MD5 {payload_md5} of {len(payload):,} bytes "
+            f"(decompressed: {content_md5}); expected {gz_md5} (decompressed: {idx_md5}). Nothing "
+            f"was written; try again, or use `apt-get install dataset-fashion-mnist` or "
+            f"--data <folder>")
 
 
 class FashionMNIST(Dataset):
@@ -136,12 +249,13 @@ class ImageFolder(Dataset):
 
 
 def build_dataset(data, train=True):
-    """"fashion-mnist" or a folder holding its IDX files -> FashionMNIST; any other folder -> ImageFolder.
+    """"fashion-mnist" (downloaded if needed: fashion_mnist_root) or a folder holding its IDX files ->
+    FashionMNIST; any other folder -> ImageFolder.
 
     For image folders with `train/` and `val/` (or `test/`) sub-folders (ImageNet layout) the split is picked.
     """
-    if data == "fashion-mnist":
-        return FashionMNIST(FASHION_MNIST_DIR, train=train)
+    if data == "fashion-mnist":  # Debian's copy, else the cache, downloaded on first use
+        return FashionMNIST(fashion_mnist_root(), train=train)
     if os.path.isdir(data) and any(n.startswith("train-images-idx3-ubyte") for n in os.listdir(data)):
         return FashionMNIST(data, train=train)
     for split in (("train",) if train else ("val", "test")):
@@ -235,23 +349,42 @@ def knn_classify(train_feats, train_labels, test_feats, test_labels, ks=(20,), t
 # The whole pipeline runs in the DataLoader's collate function on a batch of images, so it runs in the worker
 # processes (num_workers > 0) or in the main process (num_workers = 0) with one code path. Only the random
 # resized crop is per image (images of a folder differ in size); every colour op is one tensor op on the batch.
-# Randomness comes from a generator seeded by (seed, micro-step, rank): a batch's augmentations do not depend on
-# the number of workers, and resuming at a step reproduces them exactly.
-def sample_crop_boxes(rng, heights, widths, scale, ratio=(3 / 4, 4 / 3), attempts=10):
-    """torchvision RandomResizedCrop.get_params for B images at once -> int arrays top, left, h, w [B]."""
+# Randomness is per sample: sample j of the global batch of step t draws its numbers from a generator seeded by
+# (seed, t, j), whatever rank, micro-batch or worker it lands in. So 1 GPU with accumulation, 2 GPUs and 8 GPUs
+# train on the same crops, and resuming on another number of GPUs continues the same stream.
+DRAWS_PER_CROP = 36  # uniform numbers one crop of one image uses (crop box 22, flip 1, jitter 9, gray 1, blur 2,
+#                      solarize 1); fixed, so the draws of a crop never depend on what an earlier op decided
+
+
+class Draws:
+    """Per-image uniform numbers in [0, 1), handed out a few columns at a time: u [B, n] -> take(k) [B, k]."""
+
+    def __init__(self, u):
+        self.u, self.used = torch.as_tensor(u, dtype=torch.float64), 0
+
+    def take(self, k):
+        self.used += k
+        return self.u[:, self.used - k:self.used]
+
+
+def sample_crop_boxes(u, heights, widths, scale, ratio=(3 / 4, 4 / 3), attempts=10):
+    """torchvision RandomResizedCrop.get_params for B images at once, from u [B, 2 * attempts + 2] uniforms
+    -> int arrays top, left, h, w [B]."""
+    u = u.numpy().T  # [2 * attempts + 2, B]
     B = len(heights)
-    area = heights * widths * rng.uniform(scale[0], scale[1], (attempts, B))  # [attempts,B]
-    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), (attempts, B)))
+    area = heights * widths * (scale[0] + (scale[1] - scale[0]) * u[:attempts])  # [attempts,B]
+    log_ratio = np.log(ratio)
+    aspect = np.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[attempts:2 * attempts])
     w, h = np.round(np.sqrt(area * aspect)).astype(int), np.round(np.sqrt(area / aspect)).astype(int)
     ok = (w > 0) & (h > 0) & (w <= widths) & (h <= heights)
     first = ok.argmax(axis=0)  # first valid attempt per image
     h, w = h[first, np.arange(B)], w[first, np.arange(B)]
     fallback = ~ok.any(axis=0)  # torchvision falls back to the whole image, aspect ratio clamped
     side = np.minimum(heights, widths)
-    h, w = np.where(fallback, np.where(heights / widths > ratio[1], side, heights), h), \
-        np.where(fallback, np.where(widths / heights > ratio[1], side, widths), w)
-    top = (rng.random(B) * (heights - h + 1)).astype(int)
-    left = (rng.random(B) * (widths - w + 1)).astype(int)
+    h = np.where(fallback, np.where(heights / widths > ratio[1], side, heights), h)
+    w = np.where(fallback, np.where(widths / heights > ratio[1], side, widths), w)
+    top = (u[-2] * (heights - h + 1)).astype(int)
+    left = (u[-1] * (widths - w + 1)).astype(int)
     return top, left, h, w
 
 
@@ -274,15 +407,15 @@ def adjust_hue(x, shift):
     return maxc.unsqueeze(1) * (1 - sat.unsqueeze(1) * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0))
 
 
-def color_jitter(x, gen, p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
-    """RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), p=0.8) (App. B): each image gets its own factors and its own
-    random order of the four operations, as torchvision draws them per image."""
-    B = x.shape[0]
-    u = lambda lo, hi: lo + (hi - lo) * torch.rand(B, generator=gen)
-    factors = [u(1 - brightness, 1 + brightness), u(1 - contrast, 1 + contrast),
-               u(1 - saturation, 1 + saturation), u(-hue, hue)]
-    order = torch.argsort(torch.rand(B, 4, generator=gen), dim=1)  # [B,4] a random permutation per image
-    applied = torch.rand(B, generator=gen) < p
+def color_jitter(x, u, p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
+    """RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), p=0.8) (App. B) from u [B, 9]: each image gets its own
+    factors and its own random order of the four operations, as torchvision draws them per image."""
+    u = u.float()
+    lows, highs = torch.tensor([1 - brightness, 1 - contrast, 1 - saturation, -hue]), \
+        torch.tensor([1 + brightness, 1 + contrast, 1 + saturation, hue])
+    factors = (lows + (highs - lows) * u[:, :4]).T  # [4,B]: brightness, contrast, saturation, hue
+    order = torch.argsort(u[:, 4:8], dim=1)  # [B,4] a random permutation per image
+    applied = u[:, 8] < p
     blend = lambda img, other, f: (f.view(-1, 1, 1, 1) * img + (1 - f.view(-1, 1, 1, 1)) * other).clamp(0, 1)
     ops = [lambda img, f: (img * f.view(-1, 1, 1, 1)).clamp(0, 1),  # brightness
            lambda img, f: blend(img, gray(img).mean(dim=(1, 2, 3), keepdim=True), f),  # contrast
@@ -296,21 +429,22 @@ def color_jitter(x, gen, p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hu
     return x
 
 
-def random_grayscale(x, gen, p=0.2):
-    idx = (torch.rand(x.shape[0], generator=gen) < p).nonzero().flatten()
+def random_grayscale(x, u, p=0.2):
+    """RandomGrayscale(p) from u [B, 1]."""
+    idx = (u[:, 0] < p).nonzero().flatten()
     x[idx] = gray(x[idx]).expand(-1, 3, -1, -1)
     return x
 
 
-def gaussian_blur(x, gen, p, sigma=(0.1, 2.0), kernel_size=9):
-    """RandomApply(GaussianBlur(kernel 9, sigma ~ U(0.1, 2)), p) with reflect padding, as torchvision."""
-    idx = (torch.rand(x.shape[0], generator=gen) < p).nonzero().flatten()
-    s = sigma[0] + (sigma[1] - sigma[0]) * torch.rand(x.shape[0], generator=gen)  # drawn for all: fixed RNG use
+def gaussian_blur(x, u, p, sigma=(0.1, 2.0), kernel_size=9):
+    """RandomApply(GaussianBlur(kernel 9, sigma ~ U(0.1, 2)), p) with reflect padding, as torchvision; u [B, 2]."""
+    idx = (u[:, 0] < p).nonzero().flatten()
     if len(idx) == 0:
         return x
+    s = (sigma[0] + (sigma[1] - sigma[0]) * u[idx, 1]).float()  # [B']
     B, C, H, W = len(idx), *x.shape[1:]
     t = torch.linspace(-(kernel_size // 2), kernel_size // 2, kernel_size)
-    kernel = torch.softmax(-0.5 * (t / s[idx].view(-1, 1)) ** 2, dim=1)  # [B,9] = normalised Gaussian
+    kernel = torch.softmax(-0.5 * (t / s.view(-1, 1)) ** 2, dim=1)  # [B,9] = normalised Gaussian
     kernel = kernel.repeat_interleave(C, dim=0)  # [B*C,9]: one depthwise filter per image channel
     pad = kernel_size // 2
     y = F.pad(x[idx].reshape(1, B * C, H, W), (pad, pad, pad, pad), mode="reflect")
@@ -320,26 +454,28 @@ def gaussian_blur(x, gen, p, sigma=(0.1, 2.0), kernel_size=9):
     return x
 
 
-def solarize(x, gen, p=0.2, threshold=128 / 255):
-    idx = (torch.rand(x.shape[0], generator=gen) < p).nonzero().flatten()
+def solarize(x, u, p=0.2, threshold=128 / 255):
+    """RandomSolarize(threshold 128, p) from u [B, 1]."""
+    idx = (u[:, 0] < p).nonzero().flatten()
     x[idx] = torch.where(x[idx] >= threshold, 1.0 - x[idx], x[idx])
     return x
 
 
-def augment_crops(images, rng, gen, size, scale, blur_p, solarize_p=0.0, blur_sigma=(0.1, 2.0)):
+def augment_crops(images, u, size, scale, blur_p, solarize_p=0.0, blur_sigma=(0.1, 2.0)):
     """One crop of each image: random resized crop (bicubic) + flip + colour jitter + grayscale + blur
-    (+ solarize) + normalise. images: list of [3,H,W] in [0,1] -> [B,3,size,size]."""
+    (+ solarize) + normalise. images: list of [3,H,W] in [0,1]; u [B, DRAWS_PER_CROP] -> [B,3,size,size]."""
+    draws = Draws(u)
     heights = np.array([im.shape[1] for im in images])
     widths = np.array([im.shape[2] for im in images])
-    top, left, h, w = sample_crop_boxes(rng, heights, widths, scale)
+    top, left, h, w = sample_crop_boxes(draws.take(22), heights, widths, scale)
     x = torch.cat([resize(im[:, t:t + hh, l:l + ww].unsqueeze(0), (size, size))
                    for im, t, l, hh, ww in zip(images, top, left, h, w)])  # [B,3,size,size]
-    flip = torch.rand(len(images), generator=gen) < 0.5
+    flip = draws.take(1)[:, 0] < 0.5
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-    x = random_grayscale(color_jitter(x, gen), gen)
-    x = gaussian_blur(x, gen, blur_p, blur_sigma)
-    if solarize_p > 0:
-        x = solarize(x, gen, solarize_p)
+    x = random_grayscale(color_jitter(x, draws.take(9)), draws.take(1))
+    x = gaussian_blur(x, draws.take(2), blur_p, blur_sigma)
+    x = solarize(x, draws.take(1), solarize_p)
+    assert draws.used == DRAWS_PER_CROP
     return normalize(x)
 
 
@@ -367,50 +503,74 @@ def block_mask(rng, grid, n_target, min_patches=4, min_aspect=0.3, attempts=10):
     return mask
 
 
-def sample_masks(rng, n_crops, grid, ratio=(0.1, 0.5), probability=0.5):
-    """Masks for n_crops global crops (Sec. 4 / iBOT): a fraction `probability` of them is masked, with target
-    ratios spread uniformly over `ratio` across the batch (one sub-interval of linspace each), then shuffled.
-    -> bool [n_crops, grid*grid] (True = masked, row-major)."""
+def mask_plan(seed, step, n_crops, ratio=(0.1, 0.5), probability=0.5):
+    """Which global crops of step `step` are masked and how much (Sec. 4 / iBOT): a fraction `probability` of
+    the n_crops crops of the whole global batch, with target ratios spread uniformly over `ratio` (one
+    sub-interval of a linspace each), assigned in a random order. -> (rank [n_crops], bounds): crop k is masked
+    with a ratio in [bounds[rank[k]], bounds[rank[k] + 1]) when rank[k] < len(bounds) - 1."""
     n_masked = int(n_crops * probability)
-    bounds = np.linspace(ratio[0], ratio[1], n_masked + 1)
-    N = grid * grid
-    masks = [block_mask(rng, grid, int(N * rng.uniform(bounds[i], bounds[i + 1]))) for i in range(n_masked)]
-    masks += [np.zeros((grid, grid), dtype=bool)] * (n_crops - n_masked)
-    return torch.from_numpy(np.stack([masks[i] for i in rng.permutation(n_crops)]).reshape(n_crops, N))
+    rank = np.random.default_rng([seed, step, 2]).permutation(n_crops)  # 2: a stream apart from the samples'
+    return rank, np.linspace(ratio[0], ratio[1], n_masked + 1)
+
+
+def sample_masks(rngs, crop_ids, plan, grid):
+    """Block masks of the crops `crop_ids` (indices into the global batch's crops), each drawn by its image's
+    generator in `rngs` -> bool [len(crop_ids), grid*grid] (True = masked, row-major)."""
+    rank, bounds = plan
+    N, masks = grid * grid, []
+    for rng, k in zip(rngs, crop_ids):
+        r = rank[k]
+        masked = r < len(bounds) - 1
+        masks.append(block_mask(rng, grid, int(N * rng.uniform(bounds[r], bounds[r + 1]))) if masked
+                     else np.zeros((grid, grid), dtype=bool))
+    return torch.from_numpy(np.stack(masks).reshape(len(crop_ids), N))
 
 
 class MultiCropCollate:
-    """Collate (image, label, seed) items into a training batch (Sec. 4, App. B):
+    """Collate (image, label, (step, position)) items into a training batch (Sec. 4, App. B):
         global_crops [2B,3,G,G] (crop-major: first crop of every image, then the second), local_crops [nB,3,L,L],
-        masks bool [2B,N] and mask_weights [M] (1 / #masked of the token's image, for ibot_loss), labels [B].
-    Blur probabilities 1.0 / 0.1 / 0.5 (global 1, global 2, locals) are the paper's; the official code applies
-    0.0 / 0.9 / 0.5, because its GaussianBlur passes p=1-p to RandomApply (github.com/facebookresearch/dinov2
-    PR #411). Solarisation p=0.2 on the second global crop only."""
+        masks bool [2B,N], mask_indices [M] (flat indices of the masked patches into [2B*N], computed here on
+        the CPU so the model gathers with a known shape: no host sync, traceable), mask_weights [M]
+        (1 / #masked of the token's crop, for ibot_loss), labels [B].
+    `position` is the sample's index in the global batch of `step` (global_batch images): it seeds the sample's
+    augmentation and, with the step, its mask. Blur probabilities 1.0 / 0.1 / 0.5 (global 1, global 2, locals)
+    are the paper's; the official code applies 0.0 / 0.9 / 0.5, because its GaussianBlur passes p=1-p to
+    RandomApply (github.com/facebookresearch/dinov2 PR #411). Solarisation p=0.2 on the second global crop."""
 
     def __init__(self, global_size, local_size, n_local, patch_size, global_scale=(0.32, 1.0),
-                 local_scale=(0.05, 0.32), mask_ratio=(0.1, 0.5), mask_probability=0.5, blur_sigma=(0.1, 2.0)):
+                 local_scale=(0.05, 0.32), mask_ratio=(0.1, 0.5), mask_probability=0.5, blur_sigma=(0.1, 2.0),
+                 seed=0, global_batch=None):
         self.global_size, self.local_size, self.n_local, self.patch_size = global_size, local_size, n_local, patch_size
         self.global_scale, self.local_scale, self.blur_sigma = global_scale, local_scale, blur_sigma
         self.mask_ratio, self.mask_probability = mask_ratio, mask_probability
+        self.seed, self.global_batch = seed, global_batch
 
     def __call__(self, items):
-        images, labels, seeds = zip(*items)
-        rng = np.random.default_rng(seeds[0])  # the sampler gives every item of a batch the same seed
-        gen = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+        images, labels, keys = zip(*items)
+        steps, positions = zip(*keys)
+        assert len(set(steps)) == 1, "a micro-batch holds samples of one step"
+        global_batch = self.global_batch or len(items)  # None: the batch is the whole global batch (tests)
+        rngs = [np.random.default_rng([self.seed, steps[0], j]) for j in positions]  # one stream per sample
+        n_crops = 2 + self.n_local
+        u = torch.from_numpy(np.stack([rng.random((n_crops, DRAWS_PER_CROP)) for rng in rngs]))  # [B,crops,36]
         G, L = self.global_size, self.local_size
-        crop = partial(augment_crops, images, rng, gen, blur_sigma=self.blur_sigma)
-        global_crops = torch.cat([crop(G, self.global_scale, blur_p=1.0), crop(G, self.global_scale, 0.1, 0.2)])
-        local_crops = [crop(L, self.local_scale, blur_p=0.5) for _ in range(self.n_local)]
+        crop = partial(augment_crops, images, blur_sigma=self.blur_sigma)
+        global_crops = torch.cat([crop(u[:, 0], G, self.global_scale, blur_p=1.0),
+                                  crop(u[:, 1], G, self.global_scale, blur_p=0.1, solarize_p=0.2)])
+        local_crops = [crop(u[:, 2 + i], L, self.local_scale, blur_p=0.5) for i in range(self.n_local)]
         local_crops = torch.cat(local_crops) if local_crops else torch.empty(0, 3, L, L)
-        masks = sample_masks(rng, len(global_crops), G // self.patch_size, self.mask_ratio, self.mask_probability)
+        plan = mask_plan(self.seed, steps[0], 2 * global_batch, self.mask_ratio, self.mask_probability)
+        crop_ids = [c * global_batch + j for c in range(2) for j in positions]  # crop-major, as global_crops
+        masks = sample_masks(rngs * 2, crop_ids, plan, G // self.patch_size)  # [2B,N]
         n_masked = masks.sum(dim=1, keepdim=True).clamp(min=1)  # [2B,1]
-        mask_weights = (1.0 / n_masked).expand_as(masks)[masks]  # [M]
-        return dict(global_crops=global_crops, local_crops=local_crops, masks=masks, mask_weights=mask_weights,
+        return dict(global_crops=global_crops, local_crops=local_crops, masks=masks,
+                    mask_indices=masks.flatten().nonzero().flatten(),  # [M]
+                    mask_weights=(1.0 / n_masked).expand_as(masks)[masks],  # [M]
                     labels=torch.tensor(labels))
 
 
 class SeededItems(Dataset):
-    """Items keyed by (index, seed): -> (image, label, seed), so the collate function can seed its generator."""
+    """Items keyed by (index, (step, position)) -> (image, label, (step, position)) for MultiCropCollate."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -419,30 +579,37 @@ class SeededItems(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key):
-        index, seed = key
+        index, sample_key = key
         img, label = self.dataset[index]
-        return img, label, seed
+        return img, label, sample_key
 
 
-class StepBatchSampler:
-    """Infinite sampler of micro-batches for one rank, a pure function of (seed, micro-step), so resuming at a
-    step needs no state: epoch e shuffles the data with a generator seeded by (seed, e); micro-step s of that
-    epoch takes a slice of world * batch images and this rank takes its part. Yields [(index, batch_seed)]."""
+class GlobalBatchSampler:
+    """Infinite sampler of one rank's micro-batches, a pure function of (seed, step), so resuming needs no state
+    and any number of GPUs sees the same data: epoch e shuffles the data with a generator seeded by (seed, e);
+    step t of that epoch takes the next `global_batch` images, and micro-batch a of rank r (accumulation index
+    a) takes positions [(a * world + r) * micro, ... + micro) of them: forward pass a of all ranks together sees
+    one contiguous slice (Sinkhorn-Knopp and KoLeo see that slice), the same slice for any split of it into
+    ranks. Yields [(index, (step, position))]."""
 
-    def __init__(self, n, batch_size, seed, rank=0, world_size=1, start=0):
-        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
-        self.start = start
-        self.steps_per_epoch = n // (batch_size * world_size)  # drop the last incomplete global batch
-        assert self.steps_per_epoch > 0, f"{n} images cannot fill one global batch of {batch_size * world_size}"
+    def __init__(self, n, global_batch, micro_batch, seed, rank=0, world_size=1, start_step=0):
+        assert global_batch % (micro_batch * world_size) == 0, (global_batch, micro_batch, world_size)
+        self.n, self.global_batch, self.micro, self.seed = n, global_batch, micro_batch, seed
+        self.rank, self.world_size, self.start_step = rank, world_size, start_step
+        self.accum = global_batch // (micro_batch * world_size)
+        self.steps_per_epoch = n // global_batch  # drop the last incomplete global batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{n} images cannot fill one global batch of {global_batch}: lower --batch_size")
 
     def __iter__(self):
-        step = self.start
+        step = self.start_step
         while True:
             epoch, i = divmod(step, self.steps_per_epoch)
             order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            first = (i * self.world_size + self.rank) * self.batch_size
-            batch_seed = int(np.random.SeedSequence([self.seed, step, self.rank]).generate_state(1)[0])
-            yield [(int(j), batch_seed) for j in order[first:first + self.batch_size]]
+            for a in range(self.accum):
+                first = (a * self.world_size + self.rank) * self.micro  # position in the global batch
+                positions = range(first, first + self.micro)
+                yield [(int(order[i * self.global_batch + j]), (step, j)) for j in positions]
             step += 1
 
 
@@ -462,7 +629,7 @@ def main():
     """Print the shapes, value ranges and mask ratios of one tiny-preset training batch of Fashion-MNIST."""
     dataset = build_dataset("fashion-mnist")
     collate = MultiCropCollate(global_size=28, local_size=14, n_local=4, patch_size=7)
-    batch = collate([(*dataset[i], 0) for i in range(16)])
+    batch = collate([(*dataset[i], (0, i)) for i in range(16)])  # step 0, positions 0..15
     for name, value in batch.items():
         print(f"{name:13s} {str(tuple(value.shape)):18s} {value.dtype}  min {value.min().item():.3f}  "
               f"max {value.max().item():.3f}")
