@@ -174,23 +174,32 @@ def ibot_loss(student_patch_logits, teacher_patch_probs, mask_weights, n_images,
     return (cross_entropy * mask_weights.float()).sum() / n_images
 
 
-def koleo_loss(x, eps=1e-8):
+def koleo_loss(x, eps=1e-8, all_ranks=False):
     """KoLeo regularizer (Sablayrolles et al. 2019): -1/B sum_i log(d_i), d_i = min_{j != i} ||x_i - x_j||.
 
     x [B, D], rows L2-normalised first (student class tokens of one global crop, Sec. 4; the paper applies it
     to each global crop with weight 0.1). Spreads features uniformly over the sphere. Returns a float32 scalar.
+    all_ranks: the neighbours are searched among the rows of every rank (all-gathered with gradients, as DINOv3
+    does), so N ranks of B rows equal one process of N*B rows once DDP/FSDP average the gradients; without it
+    (the official DINOv2 code) each rank only sees its own rows.
     Safe on degenerate batches: B < 2 has no neighbour and returns 0 (still attached to the graph), and
     identical rows give d = ||eps * 1|| instead of 0, so the value and the gradients stay finite.
     """
-    if x.shape[0] < 2:
+    everyone, offset = x, 0
+    if all_ranks and is_dist():
+        import torch.distributed.nn.functional as dist_nn  # all_gather whose backward sends gradients home
+        everyone, offset = torch.cat(dist_nn.all_gather(x.contiguous())), dist.get_rank() * x.shape[0]
+    if everyone.shape[0] < 2:
         return x.float().sum() * 0.0
     # Outside autocast: a bf16 matmul could pick the wrong neighbour among close ones (official code does the same).
     with torch.autocast(device_type=x.device.type, enabled=False):
-        x = F.normalize(x.float(), p=2, dim=-1, eps=eps)
+        x = F.normalize(x.float(), p=2, dim=-1, eps=eps)  # [B, D]
+        everyone = F.normalize(everyone.float(), p=2, dim=-1, eps=eps)  # [R*B, D]
         with torch.no_grad():  # the neighbour search picks indices; the gradient flows through the distance
-            similarity = x @ x.t()  # [B, D] @ [D, B] -> [B, B]; max cosine = min distance for unit vectors
-            similarity.fill_diagonal_(-2.0)  # a vector is not its own neighbour (cosine >= -1 elsewhere)
+            similarity = x @ everyone.t()  # [B, D] @ [D, R*B] -> [B, R*B]; max cosine = min distance
+            rows = torch.arange(x.shape[0], device=x.device)
+            similarity[rows, rows + offset] = -2.0  # a vector is not its own neighbour (cosine >= -1 elsewhere)
             neighbour = similarity.argmax(dim=1)  # [B]
         # eps added to the difference as nn.PairwiseDistance(eps=1e-8) does in the official code (same values)
-        distances = (x - x[neighbour] + eps).norm(dim=-1)  # [B]
+        distances = (x - everyone[neighbour] + eps).norm(dim=-1)  # [B]
         return -torch.log(distances + eps).mean()

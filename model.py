@@ -8,7 +8,7 @@ Run:  python model.py            smoke run: build a tiny ViT, run a forward, pri
       python model.py --bench    CPU timing of ViT-S/14 + 4 registers: fused vs explicit attention, fp32 vs bf16
 
 Paper -> code
-  App. B (architecture table), ViT-S/B/L/g ........... vit_small, vit_base, vit_large, vit_giant2
+  App. B (architecture table), ViT-S/B/L/g ........... ARCHS; vit_small, vit_base, vit_large, vit_giant2
   Sec. 4, ViT: patches + [CLS] + learned positions .... PatchEmbed, DinoVisionTransformer.prepare_tokens_with_masks
   Registers (Darcet et al. 2023; hub "_reg" models) ... DinoVisionTransformer(num_register_tokens=...)
   Pre-norm blocks with LayerScale (official code) ..... Block, LayerScale (Touvron et al. 2021, CaiT)
@@ -421,24 +421,34 @@ class DINOHead(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Constructors (official widths / depths / heads, paper App. B; head width is always 64)
+# Model sizes: the one table of widths / depths / heads (head width 64), used by train.py and distill.py too
 # --------------------------------------------------------------------------------------------------------------------
+ARCHS = {  # paper Tab. 1 / App. B (official vits/vitb/vitl/vitg); vit_tiny* and vit_mini are this repo's CPU demos
+    "vit_tiny": dict(embed_dim=192, depth=4, num_heads=6),  # 1.8M parameters (2.9M with both heads)
+    "vit_tiny_d2": dict(embed_dim=192, depth=2, num_heads=6),  # distill.py CPU demo students: half the depth,
+    "vit_mini": dict(embed_dim=96, depth=4, num_heads=3),  # or half the width of vit_tiny
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
+    # ViT-g/14 of the paper: 1536 wide, 40 deep, 24 heads, SwiGLU FFN with hidden width 4096
+    "vit_giant2": dict(embed_dim=1536, depth=40, num_heads=24, ffn_layer="swiglufused"),
+}
+
+
 def vit_small(patch_size=14, **kw):
-    return DinoVisionTransformer(patch_size=patch_size, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4, **kw)
+    return DinoVisionTransformer(patch_size=patch_size, **{**ARCHS["vit_small"], **kw})
 
 
 def vit_base(patch_size=14, **kw):
-    return DinoVisionTransformer(patch_size=patch_size, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4, **kw)
+    return DinoVisionTransformer(patch_size=patch_size, **{**ARCHS["vit_base"], **kw})
 
 
 def vit_large(patch_size=14, **kw):
-    return DinoVisionTransformer(patch_size=patch_size, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4, **kw)
+    return DinoVisionTransformer(patch_size=patch_size, **{**ARCHS["vit_large"], **kw})
 
 
 def vit_giant2(patch_size=14, **kw):
-    """ViT-g/14 of the paper: 1536 wide, 40 deep, 24 heads, SwiGLU FFN with hidden width 4096."""
-    kw.setdefault("ffn_layer", "swiglufused")
-    return DinoVisionTransformer(patch_size=patch_size, embed_dim=1536, depth=40, num_heads=24, mlp_ratio=4, **kw)
+    return DinoVisionTransformer(patch_size=patch_size, **{**ARCHS["vit_giant2"], **kw})
 
 
 # --------------------------------------------------------------------------------------------------------------------
