@@ -36,16 +36,16 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 
+import cli
+from cli import one_of
 from data import build_dataset, eval_transform, labelled_splits
-from losses import is_dist, update_center
-from model import DINOHead, DinoVisionTransformer, backbone_state_dict, infer_model_args
-from train import (ARCHS, PRESETS, Config, DinoV2, StopSignal, atomic_save, autocast_for, backward_micro_batch,
-                   batch_to, build_schedules, build_student_teacher, config_from_args, config_parser, ema_update,
-                   full_state_dicts, get_rank, knn_eval, make_loader, optimizer_step, param_groups, print0,
-                   rng_states, save_backbone, set_hyperparameters, set_rng_states, setup_distributed, start_run,
-                   step_seed, teacher_targets, wrap_student)
+from losses import is_dist
+from model import ARCHS, DINOHead, DinoVisionTransformer, backbone_state_dict, infer_model_args
+from runtime import (Progress, RunError, atomic_save, full_state_dicts, get_rank, learner_state, load_learner_state,
+                     open_run_dir, print0, rng_states, save_backbone, set_rng_states, setup_distributed)
+from train import (MODES, PRESETS, Batches, Config, DinoV2, autocast_for, build_learner, build_student_teacher,
+                   derived_values, knn_eval, start_run, step_flops, train_loop, zero_centers)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -54,7 +54,7 @@ from train import (ARCHS, PRESETS, Config, DinoV2, StopSignal, atomic_save, auto
 @dataclass
 class DistillConfig(Config):
     teacher: str = ""  # train.py checkpoint (checkpoint.pth) of the frozen teacher, with its DINO and iBOT heads
-    students: str = "vit_small,vit_base,vit_large"  # comma-separated train.ARCHS keys; one teacher pass for all
+    students: str = "vit_small,vit_base,vit_large"  # comma-separated model.ARCHS keys; one teacher pass for all
     output_dir: str = "runs/distill"
     arch: str = ""  # unused: the teacher's architecture is read from its checkpoint, the students' from `students`
     drop_path_rate: float = 0.0  # Sec. 5: no stochastic depth in the students
@@ -63,11 +63,20 @@ class DistillConfig(Config):
     base_lr: float = 1e-3 / math.sqrt(2)  # Tab. 17: lr 1e-3 at batch 2048 = base * sqrt(2048 / 1024)
     n_prototypes: int = 0  # unused: the students' heads get the teacher's number of prototypes
 
+    def check_model(self):
+        """The teacher's checkpoint fixes its architecture and the prototypes; setting them would be ignored,
+        so it is refused. Every student must be a known architecture."""
+        if self.arch or self.n_prototypes:
+            raise ValueError("--arch / --n_prototypes: not used by distillation (the teacher's come from its "
+                             "checkpoint, the students' from --students); allowed: leave them unset")
+        for name in self.students.split(","):
+            one_of("students", name, list(ARCHS))
+
 
 # The paper's distilled S/B/L share one configuration (Tab. 17): the dataclass defaults, `--preset paper`.
 DISTILL_PRESETS = {
     # CPU demo: the tiny teacher of `python train.py` distilled into a half-depth and a half-width student
-    # (train.ARCHS vit_tiny_d2, vit_mini) on the same crops and patch size.
+    # (model.ARCHS vit_tiny_d2, vit_mini) on the same crops and patch size.
     "tiny": {**{k: v for k, v in PRESETS["tiny"].items() if k not in ("arch", "n_prototypes", "output_dir")},
              "teacher": "runs/tiny/checkpoint.pth", "students": "vit_tiny_d2,vit_mini",
              "output_dir": "runs/distill_tiny", "total_iters": 900, "warmup_iters": 90,
@@ -120,31 +129,23 @@ def load_teacher(path):
     return teacher.requires_grad_(False).eval(), model_args
 
 
-@dataclass
-class Student:
-    name: str  # key of train.ARCHS
-    model: DinoV2  # raw module (state dicts without DDP prefixes)
-    ema: DinoV2  # the spare EMA (Sec. 5): the model that is saved and evaluated
-    wrapped: torch.nn.Module  # what is called: DDP / FSDP2 / compiled model
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    model_args: dict
+def student_config(cfg, name, n_prototypes):
+    """The train.Config that builds student `name` (with the teacher's number of prototypes)."""
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)}
+    return Config(**{**shared, "arch": name, "n_prototypes": n_prototypes})
 
 
 def build_student(cfg, name, n_prototypes, device):
-    """A student with its own DINO/iBOT heads over the teacher's K prototypes, and its EMA (starts as a copy)."""
+    """A student (train.Learner) with its own DINO/iBOT heads over the teacher's K prototypes; its EMA starts
+    as a copy. -> (learner, model_args)."""
     if name not in ARCHS:
         raise ValueError(f"unknown student {name!r}; choose from {sorted(ARCHS)}")
-    scfg = dataclasses.replace(cfg, arch=name, n_prototypes=n_prototypes)
-    model, ema, model_args = build_student_teacher(scfg)  # the "teacher" of train.py is exactly an EMA copy
-    model, ema = model.to(device), ema.to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=0.0, betas=cfg.adamw_betas)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    return Student(name, model, ema, wrap_student(model, ema, cfg, device), optimizer, scaler, model_args)
+    model, ema, model_args = build_student_teacher(student_config(cfg, name, n_prototypes))  # the "teacher" of train.py is exactly an EMA copy
+    return build_learner(name, model, ema, cfg, device), model_args
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# One distillation step: one teacher pass per micro-batch, shared by every student
+# Batches without masking (Sec. 5); the step itself is train.train_step (one teacher pass for all students)
 # ---------------------------------------------------------------------------------------------------------------
 def unmasked_batch(batch, patch_size):
     """Sec. 5: no masking, iBOT on every patch of the global crops: masks=None and each token weighted 1/N, so
@@ -152,55 +153,34 @@ def unmasked_batch(batch, patch_size):
     n_crops, _, H, W = batch["global_crops"].shape
     N = (H // patch_size) * (W // patch_size)
     weights = torch.full((n_crops * N,), 1.0 / N, device=batch["global_crops"].device)  # [2B*N]
-    return {**batch, "masks": None, "mask_weights": weights}
+    return {**batch, "masks": None, "mask_indices": None, "mask_weights": weights}
 
 
-def distill_step(students, teacher, batches, s, centers, cfg, autocast, it):
-    """Accumulate every student's gradients over the micro-batches, then step each optimiser and EMA.
-    -> ({student name: mean loss terms}, teacher logits for the EMA-centering update)."""
-    terms = {st.name: {} for st in students}
-    logits = {"dino": [], "ibot": []}
-    for i, batch in enumerate(batches):
-        dino_probs, ibot_probs, teacher_out = teacher_targets(teacher, batch, s["teacher_temp"], centers, cfg,
-                                                              autocast)  # [2,B,K], [2B*N,K]
-        for k in logits:
-            logits[k].append(teacher_out[k])
-        for st in students:
-            parts = backward_micro_batch(st.wrapped, batch, dino_probs, ibot_probs, st.scaler, cfg, autocast,
-                                         n_micro=len(batches), last=i == len(batches) - 1)
-            for k, v in parts.items():
-                terms[st.name][k] = terms[st.name].get(k, 0.0) + float(v) / len(batches)
-    for st in students:
-        set_hyperparameters(st.optimizer, s["lr"], s["last_layer_lr"], s["wd"])
-        optimizer_step(st.optimizer, st.scaler, st.model, it, cfg)
-        ema_update(st.ema, st.model, s["momentum"])  # the spare EMA of the student (Sec. 5)
-    return terms, {k: torch.cat(v) for k, v in logits.items()}
+def prepare_batch(cfg, batch):
+    """The paper's distillation batch (no masking) unless masking is asked for (--mask_probability > 0: the
+    students are then masked and the iBOT loss sees the masked patches, as in pretraining)."""
+    return unmasked_batch(batch, cfg.patch_size) if cfg.mask_probability == 0 else batch
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints: one file with every student (and its EMA), written atomically; resumable exactly
 # ---------------------------------------------------------------------------------------------------------------
-def save_distill_checkpoint(path, cfg, step, students, centers, accum):
+def save_distill_checkpoint(path, cfg, step, students, model_args, centers):
     entries = []
     for st in students:  # every rank gathers (FSDP2), rank 0 writes
-        model_sd, ema_sd, optim_sd = full_state_dicts(st.model, st.ema, st.optimizer, cfg)
-        entries.append(dict(name=st.name, model_args=st.model_args, student=model_sd, ema=ema_sd,
-                            optimizer=optim_sd, scaler=st.scaler.state_dict()))
+        entries.append(dict(name=st.name, model_args=model_args[st.name], **learner_state(st, cfg)))
     if get_rank() == 0:
         atomic_save(dict(config=asdict(cfg), step=step, students=entries, centers=centers, rng=rng_states(),
-                         data=dict(seed=cfg.seed, micro_step=step * accum)), path)
+                         data=dict(seed=cfg.seed, step=step)), path)
 
 
-def load_distill_checkpoint(path, students, device):
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+def load_distill_checkpoint(ckpt, students, cfg, device):
+    """Restore every student (FSDP2: each rank keeps its shards) -> (step, centers)."""
     saved = [e["name"] for e in ckpt["students"]]
     if saved != [st.name for st in students]:
-        raise ValueError(f"{path} holds students {saved}, this run asks for {[st.name for st in students]}")
-    for st, e in zip(students, ckpt["students"]):
-        st.model.load_state_dict(e["student"])
-        st.ema.load_state_dict(e["ema"])
-        st.optimizer.load_state_dict(e["optimizer"])
-        st.scaler.load_state_dict(e["scaler"])
+        raise RunError(f"the checkpoint holds students {saved}, this run asks for {[st.name for st in students]}")
+    for st, entry in zip(students, ckpt["students"]):
+        load_learner_state(st, entry, cfg)
     set_rng_states(ckpt["rng"])
     return ckpt["step"], {k: v.to(device) for k, v in ckpt["centers"].items()}
 
@@ -209,53 +189,32 @@ def load_distill_checkpoint(path, students, device):
 # The distillation loop
 # ---------------------------------------------------------------------------------------------------------------
 def distill(cfg, dataset=None):
-    """Distil cfg.teacher into each of cfg.students -> (teacher, [Student]). `dataset` overrides cfg.data."""
-    rank, world_size, device, d = start_run(cfg)
+    """Distil cfg.teacher into each of cfg.students -> (teacher, [train.Learner]). `dataset` overrides cfg.data."""
+    run = start_run(cfg)
     teacher, teacher_args = load_teacher(cfg.teacher)
     if teacher_args["patch_size"] != cfg.patch_size:  # the iBOT loss compares patch tokens position by position
         raise ValueError(f"teacher patch size {teacher_args['patch_size']} != --patch_size {cfg.patch_size}")
-    teacher = teacher.to(device)
+    teacher = teacher.to(run.device)
     K = teacher.dino_head.last_layer.weight_v.shape[0]
     torch.manual_seed(cfg.seed)  # same initial students on every rank
-    students = [build_student(cfg, name, K, device) for name in cfg.students.split(",")]
-    dataset = dataset if dataset is not None else build_dataset(cfg.data, train=True)
-    centers = dict(dino=torch.zeros(1, K, device=device), ibot=torch.zeros(1, K, device=device))
-    ckpt_path, start = os.path.join(cfg.output_dir, "checkpoint.pth"), 0
-    if cfg.resume and os.path.exists(ckpt_path):
-        start, centers = load_distill_checkpoint(ckpt_path, students, device)
+    built = [build_student(cfg, name, K, run.device) for name in cfg.students.split(",")]
+    students, model_args = [st for st, _ in built], {st.name: args for st, args in built}
+    centers, start = zero_centers(K, run.device), 0
+    ckpt_path, ckpt = os.path.join(cfg.output_dir, "checkpoint.pth"), open_run_dir(cfg, run)
+    if ckpt:
+        start, centers = load_distill_checkpoint(ckpt, students, cfg, run.device)
         print0(f"resumed from {ckpt_path} at iteration {start}")
-    schedules = build_schedules(cfg, d["lr"])
-    stop_at, accum, autocast = cfg.stop_after or cfg.total_iters, d["accumulation_steps"], autocast_for(cfg, device)
-    loader = make_loader(dataset, cfg, d["micro_batch_size"], cfg.global_crop_size, start * accum, rank,
-                         world_size, device)
-    stop_signal, it = StopSignal(), start
-    metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if rank == 0 else None
-    bar = tqdm(range(start, stop_at), initial=start, total=stop_at, disable=rank != 0, desc="distill")
-    for it in bar:
-        torch.manual_seed(step_seed(cfg.seed, it, rank))
-        s = {k: float(v[it]) for k, v in schedules.items()}
-        batches = [unmasked_batch(batch_to(next(loader), device), cfg.patch_size) for _ in range(accum)]
-        terms, teacher_out = distill_step(students, teacher, batches, s, centers, cfg, autocast, it)
-        if cfg.centering == "ema":  # visible, once per step (the teacher is frozen, its targets still centred)
-            centers = {k: update_center(centers[k], teacher_out[k], cfg.center_momentum) for k in centers}
-        if (it + 1) % cfg.log_every == 0 and metrics_file:
-            metrics_file.write(json.dumps(dict(step=it + 1, **s, **terms)) + "\n")
-            metrics_file.flush()
-            bar.set_postfix({st: f"{t['loss']:.3f}" for st, t in terms.items()})
-        stopping = stop_signal.any_rank(device)
-        if stopping or (it + 1) % cfg.checkpoint_every == 0 or it + 1 == stop_at:
-            save_distill_checkpoint(ckpt_path, cfg, it + 1, students, centers, accum)
-        if stopping:
-            print0(f"\nstop signal: checkpoint written at iteration {it + 1}; continue with --resume")
-            break
-    stop_signal.restore()
-    if metrics_file:
-        metrics_file.close()
-    if it + 1 == cfg.total_iters:
+    dataset = dataset if dataset is not None else build_dataset(cfg.data, train=True)
+    batches = Batches(dataset, cfg, run, prepare=lambda b: prepare_batch(cfg, b))
+    log = Progress(cfg, run, start, "distill", flops_per_step=step_flops(cfg, run))
+    save = lambda step, c: save_distill_checkpoint(ckpt_path, cfg, step, students, model_args, c)
+    train_loop(cfg, run, students, teacher, centers, batches, start, save, log)
+    if run.stop_at == cfg.total_iters:
         for st in students:  # the EMA backbone alone, official key layout + sidecar json (model.load_model)
             ema_sd = full_state_dicts(st.model, st.ema, None, cfg)[1]
-            if rank == 0:
-                save_backbone(os.path.join(cfg.output_dir, f"{st.name}_backbone.pth"), ema_sd, st.model_args)
+            if run.rank == 0:
+                save_backbone(os.path.join(cfg.output_dir, f"{st.name}_backbone.pth"), ema_sd,
+                              model_args[st.name])
     return teacher, students
 
 
@@ -291,12 +250,23 @@ def report(cfg, teacher, students, device, n_probe=256):
 
 
 def main():
-    parser = config_parser(DistillConfig, DISTILL_PRESETS, "Distil a frozen DINOv2 teacher into smaller students "
-                                                           "(Sec. 5). No flags: the tiny CPU demo preset.")
-    cfg = config_from_args(parser.parse_args(), DistillConfig, DISTILL_PRESETS)
-    _, _, device = setup_distributed()
+    cfg, args = cli.parse_config(DistillConfig, presets=DISTILL_PRESETS, default_preset="tiny",
+                                 extra_flags=[m for m in MODES if m[0] in ("plan", "gpu_memory_gb")],
+                                 description="Distil a frozen DINOv2 teacher into smaller students (Sec. 5). "
+                                             "With no --preset the tiny CPU demo preset applies.")
+    if args.plan:
+        import plan
+        return plan.main_distill(cfg, args)
+    print(cli.describe_overrides(cfg, args.preset, DISTILL_PRESETS, DistillConfig), flush=True)
+    _, world_size, device = setup_distributed()
     t0 = time.perf_counter()
-    teacher, students = distill(cfg)
+    try:
+        derived_values(cfg, world_size)
+        teacher, students = distill(cfg)
+    except (RunError, FileNotFoundError) as e:
+        cli.error(str(e))
+    if min(cfg.stop_after or cfg.total_iters, cfg.total_iters) < cfg.total_iters:
+        return  # stopped early on purpose: no evaluation
     results = report(cfg, teacher, students, device)
     print0(f"\n{'model':24s} k-NN top-1  agreement   ({(time.perf_counter() - t0) / 60:.1f} min)")
     for name, r in results.items():

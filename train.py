@@ -38,15 +38,12 @@ at the end also teacher_backbone.pth (bare backbone, official keys) + teacher_ba
 
 Shape legend: B batch, N tokens, D width, H heads, K prototypes, M masked patches, C classes.
 """
-import argparse
 import json
 import math
 import os
-import random
-import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -55,16 +52,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from data import (FashionMNIST, MultiCropCollate, SeededItems, StepBatchSampler, build_dataset, extract_features,
+import cli
+from cli import at_least, has_length, in_range, increasing, one_of
+from data import (FashionMNIST, GlobalBatchSampler, MultiCropCollate, SeededItems, build_dataset, extract_features,
                   knn_classify, labelled_splits)
 from losses import dino_loss, ibot_loss, is_dist, koleo_loss, sinkhorn_knopp, softmax_center, update_center
-from model import DINOHead, DinoVisionTransformer
+from model import ARCHS, DINOHead, DinoVisionTransformer
+from runtime import (Progress, RunError, StopSignal, atomic_save, full_state_dicts, get_rank, learner_state,
+                     load_learner_state, open_run_dir, peak_flops, print0, release_lock, rng_states, save_backbone,
+                     set_rng_states, setup_distributed)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration: defaults are the paper's ViT-g/14 run (App. B, Tab. 16); named presets override a few fields
 # ---------------------------------------------------------------------------------------------------------------
+CENTERINGS = ("sinkhorn_knopp", "ema")  # Sec. 4 (paper) | DINO's EMA centering (official default config)
+PRECISIONS = ("bf16", "fp16", "fp32")
+ATTN_IMPLS = ("auto", "fused", "explicit")  # model.resolve_attn_impl
+FFN_LAYERS = ("", "mlp", "swiglu", "swiglufused")  # "" = the ARCHS entry's
+
+
 # One "epoch" in the official code is 1250 iterations whatever the dataset size; the paper's schedules are
 # 625k iterations with a 100k warmup (= 500 and 80 such epochs). Here everything is counted in iterations.
 @dataclass
@@ -74,7 +81,8 @@ class Config:
     output_dir: str = "runs/dinov2"  # checkpoint.pth, metrics.jsonl, teacher_backbone.pth/.json
     seed: int = 0  # model init, data order, augmentations, drop path
     # --- model (Sec. 4, App. B)
-    arch: str = "vit_giant2"  # key of ARCHS: vit_small | vit_base | vit_large | vit_giant2 | vit_tiny (CPU demo)
+    arch: str = "vit_giant2"  # key of model.ARCHS: vit_small | vit_base | vit_large | vit_giant2 | vit_tiny (CPU)
+    ffn_layer: str = ""  # mlp | swiglufused; "" = the ARCHS entry's (SwiGLU for vit_giant2, MLP otherwise)
     patch_size: int = 14  # pixels per patch side (ViT-*/14)
     num_register_tokens: int = 0  # the paper's models have none; registers (Darcet et al. 2023) came later
     layerscale: float = 1e-5  # LayerScale init value (App. B); 0 = no LayerScale
@@ -84,7 +92,8 @@ class Config:
     # --- heads (Sec. 4: untied DINO and iBOT heads; sizes of the official vitg14 config)
     n_prototypes: int = 131072  # K, prototypes of each head (official vitg14/vitl14 configs; default config 65536)
     head_hidden_dim: int = 2048  # MLP width of the heads
-    head_bottleneck_dim: int = 384  # l2-normalised bottleneck before the prototypes (vitg14 config; default 256)
+    head_bottleneck_dim: int = 384  # DINO head's l2-normalised bottleneck (vitg14/vitl14 configs; default 256)
+    ibot_head_bottleneck_dim: int = 256  # iBOT head's (the official configs override only the DINO head's)
     head_nlayers: int = 3  # Linear-GELU-Linear-GELU-Linear
     # --- multi-crop and masking (Sec. 4, App. B)
     global_crop_size: int = 224  # px, 2 global crops
@@ -135,19 +144,53 @@ class Config:
     eval_every: int = 0  # iterations between k-NN evaluations when the data has labels (0 = only at the end)
     knn_train_size: int = 10000  # training images used by the periodic k-NN (the final one uses all)
     checkpoint_every: int = 1000  # iterations between checkpoints (also written on SIGTERM/SIGUSR1 and at the end)
-    resume: bool = False  # continue from output_dir/checkpoint.pth
+    resume: bool = False  # continue from output_dir/checkpoint.pth (it must exist)
+    overwrite: bool = False  # start afresh over an existing run in output_dir (its checkpoint is replaced)
+    allow_changes: bool = False  # with --resume: accept a changed batch, schedule length, model or seed
     stop_after: int = 0  # stop (with a checkpoint) after this many iterations; 0 = run to total_iters
 
+    def __post_init__(self):
+        self.check()
 
-ARCHS = {  # model.vit_* widths / depths / heads (Tab. 1, App. B); vit_tiny is this repo's CPU demo
-    "vit_tiny": dict(embed_dim=192, depth=4, num_heads=6),  # 1.8M parameters (2.9M with both heads)
-    "vit_tiny_d2": dict(embed_dim=192, depth=2, num_heads=6),  # distill.py CPU demo students: half the depth,
-    "vit_mini": dict(embed_dim=96, depth=4, num_heads=3),  # or half the width of vit_tiny
-    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
-    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
-    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
-    "vit_giant2": dict(embed_dim=1536, depth=40, num_heads=24, ffn_layer="swiglufused"),
-}
+    def check(self):
+        """Every field's allowed values, one line each (cli.py turns a refusal into a one-line error)."""
+        self.check_model()
+        one_of("ffn_layer", self.ffn_layer, FFN_LAYERS)
+        one_of("attn_impl", self.attn_impl, ATTN_IMPLS)
+        one_of("centering", self.centering, CENTERINGS)
+        one_of("precision", self.precision, PRECISIONS)
+        for name in ("patch_size", "head_hidden_dim", "head_bottleneck_dim",
+                     "ibot_head_bottleneck_dim", "head_nlayers", "batch_size", "total_iters", "log_every",
+                     "checkpoint_every"):
+            at_least(name, getattr(self, name), 1)
+        for name in ("num_register_tokens", "n_local_crops", "micro_batch_size", "teacher_temp_warmup_iters",
+                     "freeze_last_layer_iters", "num_workers", "eval_every", "knn_train_size", "layerscale",
+                     "dino_loss_weight", "ibot_loss_weight", "koleo_loss_weight", "min_lr", "weight_decay",
+                     "weight_decay_end", "patch_embed_lr_mult"):
+            at_least(name, getattr(self, name), 0)
+        for name in ("global_crop_size", "local_crop_size", "highres_global_crop_size"):
+            at_least(name, getattr(self, name), self.patch_size)
+        for name in ("student_temp", "teacher_temp", "warmup_teacher_temp", "base_lr", "clip_grad"):
+            in_range(name, getattr(self, name), 1e-12, math.inf)  # strictly positive
+        for name in ("global_crop_scale", "local_crop_scale", "mask_ratio", "adamw_betas", "blur_sigma"):
+            has_length(name, getattr(self, name), 2)
+        for name in ("global_crop_scale", "local_crop_scale", "mask_ratio"):
+            in_range(name, getattr(self, name), 0.0, 1.0)
+            increasing(name, getattr(self, name))
+        increasing("blur_sigma", self.blur_sigma)
+        at_least("blur_sigma", self.blur_sigma, 0.0)
+        in_range("adamw_betas", self.adamw_betas, 0.0, 0.999999)
+        for name in ("drop_path_rate", "mask_probability", "center_momentum", "momentum_teacher",
+                     "momentum_teacher_end", "layerwise_decay"):
+            in_range(name, getattr(self, name), 0.0, 1.0)
+        for name in ("warmup_iters", "highres_iters"):  # longer than the run: the run ends inside them
+            at_least(name, getattr(self, name), 0)
+        in_range("stop_after", self.stop_after, 0, self.total_iters)
+
+    def check_model(self):
+        one_of("arch", self.arch, list(ARCHS))
+        at_least("n_prototypes", self.n_prototypes, 1)
+
 
 PRESETS = {
     # App. B, Tab. 16. S/B/L are the paper's distillation rows (lr 1e-3 at batch 2048, no drop path, see
@@ -156,16 +199,22 @@ PRESETS = {
                   n_prototypes=65536, head_bottleneck_dim=256),
     "vit_b": dict(arch="vit_base", base_lr=1e-3 / math.sqrt(2), batch_size=2048, drop_path_rate=0.0,
                   n_prototypes=65536, head_bottleneck_dim=256),
-    "vit_l": dict(arch="vit_large", layerwise_decay=1.0),
-    "vit_g": dict(layerwise_decay=1.0),  # = the dataclass defaults with the vitg14 config's layer-wise decay
+    # L/g: the official vitl14 / vitg14 configs (SwiGLU for L too, no layer-wise decay) and their images per
+    # GPU (32 / 12); the global batch 3072 is reached by accumulation on fewer GPUs (python train.py --plan).
+    "vit_l": dict(arch="vit_large", ffn_layer="swiglufused", layerwise_decay=1.0, micro_batch_size=32),
+    "vit_g": dict(layerwise_decay=1.0, micro_batch_size=12),
     # CPU demo on Fashion-MNIST, 2 cores, ~10 minutes (README). Chosen by measurement on this 2-core machine:
     # 7-px patches (16 tokens) train ~2.4x faster than 4-px ones and reached 72% vs 66% k-NN after 200 steps;
     # width 192 beat 128, depth 6 did not beat 4; batch 64 x 800 steps beat 128 x 400 (78.3% vs 76.3%); teacher
     # momentum 0.98 beat 0.994/0.99 in runs this short; no LayerScale: with 1e-5 a fresh tiny net's [CLS] token
     # ignores the image. Paper augmentations kept (milder crops/blur did not help). Differences under ~1% between
     # these single-seed runs are noise (2000 steps at base lr 4e-3 gave 79.4%, this preset 80.6%).
+    # fp32: on CPUs without AVX512-BF16 / AMX, bf16 matmuls are emulated (measured on an AMD EPYC with AVX2:
+    # a [1024,192] x [192,512] matmul 146 ms in bf16 vs 3.6 ms in fp32).
     "tiny": dict(data="fashion-mnist", output_dir="runs/tiny", arch="vit_tiny", patch_size=7, layerscale=0.0,
+                 precision="fp32",
                  drop_path_rate=0.0, n_prototypes=1024, head_hidden_dim=512, head_bottleneck_dim=128,
+                 ibot_head_bottleneck_dim=128,
                  global_crop_size=28, local_crop_size=14, n_local_crops=4, batch_size=64, total_iters=1800,
                  warmup_iters=180, base_lr=2e-3, momentum_teacher=0.98, teacher_temp_warmup_iters=540,
                  freeze_last_layer_iters=50, layerwise_decay=1.0, highres_iters=0, num_workers=1,
@@ -173,38 +222,18 @@ PRESETS = {
 }
 
 
-def config_parser(config_cls, presets, description):
-    """--preset NAME (default "tiny") and one --<field> flag per dataclass field; unknown flags are an error."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--preset", default="tiny", choices=["paper", *presets],
-                        help="named preset applied on top of the paper defaults ('paper' = none)")
-    for f in fields(config_cls):
-        if f.type is bool or f.type == "bool":
-            parser.add_argument(f"--{f.name}", type=lambda v: v.lower() in ("1", "true", "yes"), nargs="?",
-                                const=True, default=None)
-        elif f.type is tuple or f.type == "tuple":
-            parser.add_argument(f"--{f.name}", type=float, nargs=len(f.default), default=None)
-        else:
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=None)
-    return parser
-
-
-def config_from_args(args, config_cls, presets):
-    """The dataclass defaults, then the preset, then the flags given on the command line."""
-    overrides = dict(presets.get(args.preset, {}))
-    overrides.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items()
-                      if k in {f.name for f in fields(config_cls)} and v is not None})
-    return config_cls(**overrides)
+MODES = [("bench", "measure images/s and peak memory of training steps (tiny, ViT-S/14 b=8), with the plan"),
+         ("plan", "per-GPU peak memory and FLOPs of one step for this config and WORLD_SIZE; no GPU needed"),
+         ("gpu_memory_gb", "with --plan: the GPU memory to fit, GB (default: this GPU's, or 80)",
+          dict(type=float, default=0.0)),
+         ("baselines", "k-NN of raw pixels and of the network at initialisation")]
 
 
 def parse_config(argv=None):
-    """Config from the command line -> (config, args) with args.bench / args.baselines for the other modes."""
-    parser = config_parser(Config, PRESETS, "DINOv2 pretraining. Defaults: the paper's; no flags: the tiny CPU "
-                                            "demo preset.")
-    parser.add_argument("--bench", action="store_true", help="time training steps (tiny preset, ViT-S/14 b=8)")
-    parser.add_argument("--baselines", action="store_true", help="k-NN of raw pixels and of the network at init")
-    args = parser.parse_args(argv)
-    return config_from_args(args, Config, PRESETS), args
+    """Config from the command line (cli.py) -> (config, args) with args.bench / .plan / .baselines."""
+    return cli.parse_config(Config, argv, presets=PRESETS, default_preset="tiny", extra_flags=MODES,
+                            description="DINOv2 pretraining. Defaults: the paper's ViT-g/14 run; with no "
+                                        "--preset the tiny CPU demo preset applies.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -219,7 +248,7 @@ class DinoV2(nn.Module):
         super().__init__()
         self.backbone, self.dino_head, self.ibot_head = backbone, dino_head, ibot_head
 
-    def forward(self, global_crops, local_crops, masks):
+    def forward(self, global_crops, local_crops, masks, mask_indices):
         """Student pass (through DDP/FSDP): one backbone pass per resolution; global crops masked (iBOT).
         -> class tokens of the global crops [2B,D], DINO logits [(2+n)B,K], iBOT logits [M,K]."""
         crops, crop_masks = [global_crops], [masks]
@@ -227,34 +256,43 @@ class DinoV2(nn.Module):
             crops, crop_masks = crops + [local_crops], crop_masks + [None]
         out = self.backbone(crops, masks=crop_masks, is_training=True)
         cls = torch.cat([o["x_norm_clstoken"] for o in out])  # [(2+n)B,D]
-        patches = masked_tokens(out[0]["x_norm_patchtokens"], masks)  # [2B,N,D] -> [M,D]
+        patches = masked_tokens(out[0]["x_norm_patchtokens"], mask_indices)  # [2B,N,D] -> [M,D]
         return out[0]["x_norm_clstoken"], self.dino_head(cls), self.ibot_head(patches)
 
     @torch.no_grad()
-    def teacher_logits(self, global_crops, masks):
+    def teacher_logits(self, global_crops, mask_indices):
         """Teacher pass on the unmasked global crops -> DINO logits [2B,K], iBOT logits at the masked patches [M,K]."""
         out = self.backbone(global_crops, is_training=True)
-        return self.dino_head(out["x_norm_clstoken"]), self.ibot_head(masked_tokens(out["x_norm_patchtokens"], masks))
+        patches = masked_tokens(out["x_norm_patchtokens"], mask_indices)  # [M,D]
+        return self.dino_head(out["x_norm_clstoken"]), self.ibot_head(patches)
 
 
-def masked_tokens(patch_tokens, masks):
-    """The patch tokens the iBOT loss sees: the masked ones [2B,N,D] -> [M,D]; all of them when masks is None
-    (distillation, Sec. 5: no masking, iBOT on every patch of the global crops) -> [2B*N,D]."""
-    return patch_tokens.flatten(0, 1) if masks is None else patch_tokens[masks]
+def masked_tokens(patch_tokens, mask_indices):
+    """The patch tokens the iBOT loss sees, gathered with indices the collate computed on the CPU (a known shape:
+    no host sync, traceable): [2B,N,D] -> [M,D]; all of them when mask_indices is None (distillation, Sec. 5)."""
+    tokens = patch_tokens.flatten(0, 1)  # [2B*N,D]
+    return tokens if mask_indices is None else tokens.index_select(0, mask_indices)
 
 
 def model_args_for(cfg, img_size=None):
     """DinoVisionTransformer kwargs of the teacher (no drop path), stored in checkpoints for load_model."""
-    return dict(img_size=img_size or cfg.global_crop_size, patch_size=cfg.patch_size, **ARCHS[cfg.arch],
+    args = dict(img_size=img_size or cfg.global_crop_size, patch_size=cfg.patch_size, **ARCHS[cfg.arch],
                 init_values=cfg.layerscale or None, num_register_tokens=cfg.num_register_tokens)
+    if cfg.ffn_layer:
+        args["ffn_layer"] = cfg.ffn_layer
+    return args
 
 
 def build_student_teacher(cfg):
+    """Student and teacher DinoV2 with identical weights; the teacher has no drop path and no gradients."""
     args = model_args_for(cfg)
-    heads = lambda: [DINOHead(args["embed_dim"], cfg.n_prototypes, nlayers=cfg.head_nlayers,
-                              hidden_dim=cfg.head_hidden_dim, bottleneck_dim=cfg.head_bottleneck_dim) for _ in "di"]
+    D = args["embed_dim"]
+    head = lambda bottleneck: DINOHead(D, cfg.n_prototypes, nlayers=cfg.head_nlayers,
+                                       hidden_dim=cfg.head_hidden_dim, bottleneck_dim=bottleneck)
+    heads = lambda: (head(cfg.head_bottleneck_dim), head(cfg.ibot_head_bottleneck_dim))  # DINO, iBOT
     student = DinoV2(DinoVisionTransformer(**args, drop_path_rate=cfg.drop_path_rate,
-                                           drop_path_uniform=cfg.drop_path_uniform, attn_impl=cfg.attn_impl), *heads())
+                                           drop_path_uniform=cfg.drop_path_uniform, attn_impl=cfg.attn_impl),
+                     *heads())
     teacher = DinoV2(DinoVisionTransformer(**args, attn_impl=cfg.attn_impl), *heads())  # no drop path (Sec. 4)
     teacher.load_state_dict(student.state_dict())  # the teacher starts as a copy of the student
     teacher.requires_grad_(False).eval()  # updated only by the EMA, never by gradients
@@ -326,30 +364,8 @@ def set_hyperparameters(optimizer, lr, last_layer_lr, wd):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Distributed set-up: torchrun (RANK in the environment) or one plain process; DDP or FSDP2
+# Sec. 5: DDP or FSDP2, activation checkpointing, torch.compile (process set-up: runtime.setup_distributed)
 # ---------------------------------------------------------------------------------------------------------------
-def setup_distributed():
-    """-> (rank, world_size, device). A process group only when launched by torchrun (or anything setting RANK)."""
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-
-
-def get_rank():
-    return dist.get_rank() if is_dist() else 0
-
-
-def print0(*args, **kwargs):
-    """print on rank 0 only (the built-in print stays untouched on every rank)."""
-    if get_rank() == 0:
-        print(*args, **kwargs, flush=True)
-
-
 def fully_shard_fn():
     try:  # torch >= 2.6
         from torch.distributed.fsdp import fully_shard
@@ -382,14 +398,68 @@ def wrap_student(student, teacher, cfg, device):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Training step, split in small functions (the official forward_backward is one 200-line method)
+# One training step, written once: train(), distill.py, the plan and benchmark (plan.py) and the tests call it
 # ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Learner:
+    """A network that learns in train_step: the raw module (state dicts without prefixes), what is called
+    (DDP / FSDP2 / compiled), its optimiser and scaler, and its EMA (train.py: the teacher; distill.py: the
+    spare EMA of Sec. 5, the students' teacher being frozen)."""
+    name: str
+    model: DinoV2
+    ema: DinoV2
+    wrapped: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+
+
+def build_learner(name, model, ema, cfg, device):
+    """Move, wrap (FSDP2 replaces the parameters with sharded DTensors), then build AdamW over the parameters
+    that will actually be updated: an optimizer built before fully_shard would update stale tensors."""
+    if next(model.parameters()).device != device:  # (plan.py's fake parameters are already in place)
+        model, ema = model.to(device), ema.to(device)
+    wrapped = wrap_student(model, ema, cfg, device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=0.0, betas=cfg.adamw_betas)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    return Learner(name, model, ema, wrapped, optimizer, scaler)
+
+
+def train_step(learners, teacher, batches, hp, centers, cfg, autocast):
+    """One optimizer step of DINOv2 (Sec. 4) for every learner. For each micro-batch (gradient accumulation):
+    the teacher's targets, then each learner's loss and backward (distillation students share one teacher
+    pass). Then, once per step, visibly here: each learner's AdamW step and EMA, and (EMA centering) the centers.
+    hp: this step's schedule values (lr, last_layer_lr, wd, momentum, teacher_temp).
+    -> ({learner name: {loss terms (mean over micro-batches), grad_norm}}, new centers)."""
+    terms = {learner.name: {} for learner in learners}
+    teacher_logits = {"dino": [], "ibot": []}
+    for i, batch in enumerate(batches):
+        dino_targets, ibot_targets, logits = teacher_targets(teacher, batch, hp["teacher_temp"], centers, cfg,
+                                                             autocast)  # [2,B,K], [M,K]
+        for learner in learners:
+            parts = backward_micro_batch(learner, batch, dino_targets, ibot_targets, cfg, autocast,
+                                         n_micro=len(batches), last=i == len(batches) - 1)
+            for k, v in parts.items():  # tensors: no host sync per micro-batch
+                terms[learner.name][k] = terms[learner.name].get(k, 0.0) + v / len(batches)
+        if cfg.centering == "ema":
+            for k in teacher_logits:
+                teacher_logits[k].append(logits[k])
+    for learner in learners:
+        set_hyperparameters(learner.optimizer, hp["lr"], hp["last_layer_lr"], hp["wd"])
+        terms[learner.name]["grad_norm"] = optimizer_step(learner, cfg)
+        ema_update(learner.ema, learner.model, hp["momentum"])  # train: the teacher; distill: the spare EMA
+    if cfg.centering == "ema":  # the targets above used the old center; the new one serves the next step
+        centers = {k: update_center(centers[k], torch.cat(teacher_logits[k]), cfg.center_momentum)
+                   for k in centers}
+    return terms, centers
+
+
 def derived_values(cfg, world_size):
     """Values computed from the config (printed, never written back into it)."""
     micro = cfg.micro_batch_size or cfg.batch_size // world_size
-    accum = cfg.batch_size // (micro * world_size)
-    assert micro * world_size * accum == cfg.batch_size, (
-        f"batch_size {cfg.batch_size} must be micro_batch_size {micro} x world size {world_size} x an integer")
+    accum = cfg.batch_size // max(micro * world_size, 1)
+    if micro < 1 or micro * world_size * accum != cfg.batch_size:
+        raise ValueError(f"--batch_size: {cfg.batch_size} must be --micro_batch_size {micro} x world size "
+                         f"{world_size} x a whole number of accumulation steps")
     lr = cfg.base_lr * math.sqrt(cfg.batch_size / 1024)  # square-root scaling rule (official "sqrt_wrt_1024")
     return dict(world_size=world_size, micro_batch_size=micro, accumulation_steps=accum, lr=lr)
 
@@ -403,7 +473,7 @@ def teacher_targets(teacher, batch, teacher_temp, centers, cfg, autocast):
     """Teacher probabilities for the DINO loss [2,B,K] and the iBOT loss [M,K], plus the fp32 logits (for the
     center update). Softmax and Sinkhorn-Knopp in fp32: logits / 0.04 overflow half precision."""
     with autocast:
-        dino_logits, ibot_logits = teacher.teacher_logits(batch["global_crops"], batch["masks"])
+        dino_logits, ibot_logits = teacher.teacher_logits(batch["global_crops"], batch["mask_indices"])
     if cfg.fsdp:  # FSDP2 keeps the root's parameters gathered after a forward that has no backward: free them
         for m in teacher.modules():
             if hasattr(m, "reshard"):
@@ -417,52 +487,38 @@ def teacher_targets(teacher, batch, teacher_temp, centers, cfg, autocast):
     return dino_probs.view(2, -1, dino_probs.shape[-1]), ibot_probs, dict(dino=dino_logits, ibot=ibot_logits)
 
 
-def student_loss(model, batch, dino_probs, ibot_probs, cfg, autocast):
+def student_loss(model, batch, dino_targets, ibot_targets, cfg, autocast):
     """Total loss = DINO + iBOT + 0.1 KoLeo (Sec. 4), losses in fp32 -> (total, dict of the three terms)."""
     with autocast:
-        cls, dino_logits, ibot_logits = model(batch["global_crops"], batch["local_crops"], batch["masks"])
+        cls, dino_logits, ibot_logits = model(batch["global_crops"], batch["local_crops"], batch["masks"],
+                                              batch["mask_indices"])
     n_global = batch["global_crops"].shape[0]  # 2B
     B, K = n_global // 2, dino_logits.shape[-1]
-    dino = dino_loss(dino_logits.float().view(-1, B, K), dino_probs, cfg.student_temp)  # [(2+n)B,K] -> [2+n,B,K]
-    ibot = ibot_loss(ibot_logits.float(), ibot_probs, batch["mask_weights"], n_global, cfg.student_temp)
-    koleo = sum(koleo_loss(c) for c in cls.float().chunk(2))  # per global crop, never across views of one image
+    dino = dino_loss(dino_logits.float().view(-1, B, K), dino_targets, cfg.student_temp)  # [2+n,B,K]
+    ibot = ibot_loss(ibot_logits.float(), ibot_targets, batch["mask_weights"], n_global, cfg.student_temp)
+    # KoLeo per global crop, never across views of one image; neighbours searched over every rank's images
+    koleo = sum(koleo_loss(c, all_ranks=True) for c in cls.float().chunk(2))
     total = cfg.dino_loss_weight * dino + cfg.ibot_loss_weight * ibot + cfg.koleo_loss_weight * koleo
     return total, dict(dino=dino.detach(), ibot=ibot.detach(), koleo=koleo.detach())
 
 
-def backward_micro_batch(model, batch, dino_probs, ibot_probs, scaler, cfg, autocast, n_micro, last):
+def backward_micro_batch(learner, batch, dino_targets, ibot_targets, cfg, autocast, n_micro, last):
     """Student loss on one micro-batch, backward scaled by 1/n_micro (gradient accumulation); DDP all-reduces the
     gradients only on the last micro-batch. -> dict of the detached loss terms."""
+    model = learner.wrapped
     sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else nullcontext()
     with sync:
-        total, parts = student_loss(model, batch, dino_probs, ibot_probs, cfg, autocast)
-        scaler.scale(total / n_micro).backward()
+        total, parts = student_loss(model, batch, dino_targets, ibot_targets, cfg, autocast)
+        learner.scaler.scale(total / n_micro).backward()
     return dict(loss=total.detach(), **parts)
 
 
-def forward_backward(model, teacher, batches, teacher_temp, centers, scaler, cfg, autocast):
-    """Accumulate gradients over the micro-batches of one optimizer step (DDP syncs only on the last one).
-    -> (mean loss terms, teacher logits of all micro-batches for the EMA center update; None with Sinkhorn-Knopp,
-    which needs no state: [M,K] iBOT logits of many micro-batches are large)."""
-    terms, logits = {}, {"dino": [], "ibot": []}
-    for i, batch in enumerate(batches):
-        dino_probs, ibot_probs, teacher_out = teacher_targets(teacher, batch, teacher_temp, centers, cfg, autocast)
-        parts = backward_micro_batch(model, batch, dino_probs, ibot_probs, scaler, cfg, autocast, len(batches),
-                                     last=i == len(batches) - 1)
-        for k, v in parts.items():
-            terms[k] = terms.get(k, 0.0) + v / len(batches)
-        for k in logits:
-            logits[k].append(teacher_out[k])
-    return terms, {k: torch.cat(v) for k, v in logits.items()} if cfg.centering == "ema" else None
-
-
-def optimizer_step(optimizer, scaler, student, it, cfg):
-    """Freeze the prototypes during the first epoch, clip each module's gradient norm to 3.0 (official: backbone,
-    DINO head and iBOT head separately), AdamW step. -> backbone gradient norm (before clipping)."""
-    if it < cfg.freeze_last_layer_iters:
-        for name, p in student.named_parameters():
-            if "last_layer" in name:
-                p.grad = None  # lr is 0 too (schedule); no grad also keeps Adam's moments untouched
+def optimizer_step(learner, cfg):
+    """Clip each module's gradient norm to 3.0 (official: backbone, DINO head and iBOT head separately), AdamW
+    step. The prototypes are frozen during the first epoch by a zero learning rate (build_schedules), as in
+    the official code: their gradients still count in the clipping norm and warm up AdamW's moments.
+    -> backbone gradient norm before clipping (a tensor: reading it would sync with the GPU)."""
+    optimizer, scaler, student = learner.optimizer, learner.scaler, learner.model
     scaler.unscale_(optimizer)
     norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.clip_grad)
              for m in (student.backbone, student.dino_head, student.ibot_head)]
@@ -482,103 +538,24 @@ def step_seed(seed, it, rank):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoints: atomic, complete (exact resume), loadable with weights_only=True; the teacher backbone alone
+# Checkpoints: exact resume; the official training-checkpoint layout (primitives in runtime.py)
 # ---------------------------------------------------------------------------------------------------------------
-def full_state_dicts(student, teacher, optimizer, cfg):
-    """Unsharded state dicts (FSDP2 gathers the shards; every rank must call this)."""
-    if is_dist() and cfg.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        if optimizer is None:
-            return get_model_state_dict(student, options=opts), get_model_state_dict(teacher, options=opts), None
-        student_sd, optim_sd = get_state_dict(student, optimizer, options=opts)
-        return student_sd, get_model_state_dict(teacher, options=opts), optim_sd
-    return student.state_dict(), teacher.state_dict(), optimizer.state_dict() if optimizer else None
-
-
-def rng_states():
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    states = dict(torch=torch.get_rng_state(), python=random.getstate(),
-                  numpy=[name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss])
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state()
-    return states
-
-
-def set_rng_states(states):
-    torch.set_rng_state(states["torch"])
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
-    name, keys, pos, has_gauss, gauss = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
-
-
-def save_checkpoint(path, cfg, model_args, step, student, teacher, optimizer, scaler, centers, accum):
-    """Everything needed to continue exactly: weights, optimizer, step, centers, RNG states, data position (the
-    data order and augmentations are functions of (seed, micro-step, rank), so the step pins them down).
-    Written to a temporary file and renamed, so a crash mid-write never leaves a broken checkpoint."""
-    student_sd, teacher_sd, optim_sd = full_state_dicts(student, teacher, optimizer, cfg)
+def save_checkpoint(path, cfg, model_args, step, learner, centers):
+    """Everything needed to continue exactly: weights, optimizer, step, centers, RNG states (the data order and
+    augmentations are functions of (seed, step, sample), so the step pins them down on any number of GPUs).
+    Official layout: "student" / "teacher" hold backbone.*, dino_head.*, ibot_head.*."""
+    state = learner_state(learner, cfg)
     if get_rank() == 0:
-        state = dict(config=asdict(cfg), model_args=model_args, step=step, student=student_sd, teacher=teacher_sd,
-                     optimizer=optim_sd, scaler=scaler.state_dict(), centers=centers, rng=rng_states(),
-                     data=dict(seed=cfg.seed, micro_step=step * accum))
-        atomic_save(state, path)
+        atomic_save(dict(config=asdict(cfg), model_args=model_args, step=step, student=state["student"],
+                         teacher=state["ema"], optimizer=state["optimizer"], scaler=state["scaler"],
+                         centers=centers, rng=rng_states(), data=dict(seed=cfg.seed, step=step)), path)
 
 
-def load_checkpoint(path, student, teacher, optimizer, scaler, cfg, device):
-    """Restore a checkpoint written by save_checkpoint -> (step, centers)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if is_dist() and cfg.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
-        opts = StateDictOptions(full_state_dict=True)
-        set_state_dict(student, optimizer, model_state_dict=ckpt["student"], optim_state_dict=ckpt["optimizer"],
-                       options=opts)
-        set_model_state_dict(teacher, ckpt["teacher"], options=opts)
-    else:
-        student.load_state_dict(ckpt["student"])
-        teacher.load_state_dict(ckpt["teacher"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
+def load_checkpoint(ckpt, learner, cfg, device):
+    """Restore a checkpoint written by save_checkpoint (loaded by open_run_dir) -> (step, centers)."""
+    load_learner_state(learner, dict(ckpt, ema=ckpt["teacher"]), cfg)
     set_rng_states(ckpt["rng"])
     return ckpt["step"], {k: v.to(device) for k, v in ckpt["centers"].items()}
-
-
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash mid-write never leaves a broken file at `path`."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def save_backbone(path, state_dict, model_args):
-    """The backbone alone (the "backbone.*" entries of a DinoV2 state dict) as a bare state dict in the official
-    key layout, as the released hub weights, plus <stem>.json with the constructor kwargs (model.load_model)."""
-    backbone = {k.removeprefix("backbone."): v.cpu() for k, v in state_dict.items() if k.startswith("backbone.")}
-    atomic_save(backbone, path)
-    with open(os.path.splitext(path)[0] + ".json", "w") as f:
-        json.dump(dict(model_args=model_args), f, indent=1)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Logging and k-NN monitoring
-# ---------------------------------------------------------------------------------------------------------------
-def peak_memory_gb(device):
-    """Peak memory since the last reset: CUDA allocator peak, or the process's peak RSS (VmHWM) on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2 ** 20
-
-
-def reset_peak_memory(device):
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        try:  # Linux: writing 5 to clear_refs resets the peak RSS
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
 
 
 def knn_eval(backbone, splits, image_size, device, autocast, train_size=None):
@@ -595,43 +572,19 @@ def knn_eval(backbone, splits, image_size, device, autocast, train_size=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Training loop
+# The training loop, shared by train() and distill.py
 # ---------------------------------------------------------------------------------------------------------------
-def make_loader(dataset, cfg, micro_batch, global_crop_size, start_micro_step, rank, world_size, device):
-    """Infinite iterator of micro-batches starting at `start_micro_step`, augmented in the workers."""
-    collate = MultiCropCollate(global_crop_size, cfg.local_crop_size, cfg.n_local_crops, cfg.patch_size,
-                               cfg.global_crop_scale, cfg.local_crop_scale, cfg.mask_ratio, cfg.mask_probability,
-                               cfg.blur_sigma)
-    sampler = StepBatchSampler(len(dataset), micro_batch, cfg.seed, rank, world_size, start_micro_step)
-    return iter(DataLoader(SeededItems(dataset), batch_sampler=sampler, collate_fn=collate,
-                           num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                           prefetch_factor=4 if cfg.num_workers else None))
-
-
-def crop_size_at(cfg, it):
-    """Global crop size at iteration `it`: larger during the final high-resolution phase (Sec. 4)."""
-    return cfg.highres_global_crop_size if it >= cfg.total_iters - cfg.highres_iters else cfg.global_crop_size
-
-
-class StopSignal:
-    """SIGTERM / SIGUSR1 (cluster preemption) -> finish the step, write a checkpoint, exit."""
-
-    def __init__(self):
-        self.received = False
-        self.previous = {sig: signal.signal(sig, self.handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-
-    def handler(self, signum, frame):
-        self.received = True
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def any_rank(self, device):
-        flag = torch.tensor(float(self.received), device=device)
-        if is_dist():  # all ranks must stop at the same step
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+@dataclass
+class Run:
+    """Who this process is and what follows from the config (computed once, printed, never written back)."""
+    rank: int
+    world_size: int
+    device: torch.device
+    micro_batch_size: int
+    accumulation_steps: int
+    lr: float  # peak learning rate after the square-root scaling rule
+    stop_at: int  # last iteration of this invocation (stop_after or total_iters)
+    autocast: object
 
 
 def start_run(cfg):
@@ -640,124 +593,122 @@ def start_run(cfg):
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     d = derived_values(cfg, world_size)
     print0(f"config: {json.dumps(asdict(cfg))}\nderived: {json.dumps(d)}")
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    return rank, world_size, device, d
+    return Run(rank, world_size, device, d["micro_batch_size"], d["accumulation_steps"], d["lr"],
+               min(cfg.stop_after or cfg.total_iters, cfg.total_iters), autocast_for(cfg, device))
+
+
+def crop_size_at(cfg, it):
+    """Global crop size at iteration `it`: larger during the final high-resolution phase (Sec. 4). The position
+    embedding keeps the grid of global_crop_size (16 x 16 at 224 px) and is interpolated bicubically to the
+    larger grid on the fly; the official released weights instead carry a 37 x 37 grid learned at 518 px."""
+    return cfg.highres_global_crop_size if it >= cfg.total_iters - cfg.highres_iters else cfg.global_crop_size
+
+
+class Batches:
+    """The data stream: the micro-batches of step `it` for this rank (a function of (seed, it, sample), see
+    data.GlobalBatchSampler), augmented in DataLoader workers; the loader is rebuilt when the global crop size
+    changes (start, resume, entering the high-resolution phase)."""
+
+    def __init__(self, dataset, cfg, run, prepare=None):
+        self.dataset, self.cfg, self.run, self.loader, self.size = dataset, cfg, run, None, None
+        self.prepare = prepare or (lambda batch: batch)  # distill.py: no masks (Sec. 5)
+
+    def at(self, it):
+        cfg, run = self.cfg, self.run
+        if crop_size_at(cfg, it) != self.size:
+            self.size = crop_size_at(cfg, it)
+            collate = MultiCropCollate(self.size, cfg.local_crop_size, cfg.n_local_crops, cfg.patch_size,
+                                       global_scale=cfg.global_crop_scale, local_scale=cfg.local_crop_scale,
+                                       mask_ratio=cfg.mask_ratio, mask_probability=cfg.mask_probability,
+                                       blur_sigma=cfg.blur_sigma, seed=cfg.seed, global_batch=cfg.batch_size)
+            sampler = GlobalBatchSampler(len(self.dataset), cfg.batch_size, run.micro_batch_size, cfg.seed,
+                                         run.rank, run.world_size, start_step=it)
+            self.loader = iter(DataLoader(SeededItems(self.dataset), batch_sampler=sampler, collate_fn=collate,
+                                          num_workers=cfg.num_workers, pin_memory=run.device.type == "cuda",
+                                          prefetch_factor=4 if cfg.num_workers else None))
+        return [self.prepare(batch_to(next(self.loader), run.device)) for _ in range(run.accumulation_steps)]
+
+
+def train_loop(cfg, run, learners, teacher, centers, batches, start, save, log, monitor=None):
+    """Iterations start .. run.stop_at of train_step, with logging, periodic evaluation (monitor(it)) and
+    checkpoints (save(step, centers)); a stop signal writes a checkpoint and exits the process.
+    -> the centers after the last step."""
+    schedules, stop_signal = build_schedules(cfg, run.lr), StopSignal()
+    try:
+        for it in range(start, run.stop_at):
+            micro_batches = batches.at(it)  # (before seeding: a new DataLoader draws from the global RNG)
+            torch.manual_seed(step_seed(cfg.seed, it, run.rank))  # drop path draws: a function of the step
+            hp = {k: float(v[it]) for k, v in schedules.items()}  # lr, last_layer_lr, wd, momentum, teacher_temp
+            terms, centers = train_step(learners, teacher, micro_batches, hp, centers, cfg, run.autocast)
+            log.step(it, terms, hp)
+            if monitor and cfg.eval_every and (it + 1) % cfg.eval_every == 0:
+                monitor(it)
+            stopping = stop_signal.any_rank(run.device)
+            if stopping or (it + 1) % cfg.checkpoint_every == 0 or it + 1 == run.stop_at:
+                save(it + 1, centers)
+            if stopping:
+                print0(f"\nstop signal: checkpoint written at iteration {it + 1}; continue with --resume")
+                raise SystemExit(0)  # at once: a scheduler's grace period leaves no time for evaluation
+    finally:
+        stop_signal.restore()
+        log.close()
+        release_lock(os.path.join(cfg.output_dir, "run.lock"))
+    return centers
+
+
+def periodic_knn(cfg, run, backbone, log):
+    """monitor(it) for train_loop: the k-NN of `backbone` on a subset of the labelled split, logged (every rank
+    computes it: FSDP2 needs all ranks in the forward); None when the data has no labels."""
+    splits = labelled_splits(cfg.data) if cfg.eval_every else None
+    if not splits:
+        return None
+
+    def monitor(it):
+        acc = knn_eval(backbone, splits, cfg.global_crop_size, run.device, run.autocast, cfg.knn_train_size)
+        print0(f"\niteration {it + 1}: teacher k-NN top-1 {acc:.2f}% ({cfg.knn_train_size} train images)")
+        log.write(dict(step=it + 1, knn_top1=acc))
+    return monitor
+
+
+def zero_centers(n_prototypes, device):
+    return dict(dino=torch.zeros(1, n_prototypes, device=device), ibot=torch.zeros(1, n_prototypes, device=device))
 
 
 def train(cfg, dataset=None):
     """Pretrain with DINOv2; returns the raw (student, teacher) modules. `dataset` overrides cfg.data (tests)."""
-    rank, world_size, device, d = start_run(cfg)
+    run = start_run(cfg)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    splits = labelled_splits(cfg.data) if cfg.eval_every and dataset is None else None  # periodic k-NN
-    dataset = dataset if dataset is not None else build_dataset(cfg.data, train=True)
     student, teacher, model_args = build_student_teacher(cfg)
-    student, teacher = student.to(device), teacher.to(device)
-    optimizer = torch.optim.AdamW(param_groups(student, cfg), lr=0.0, betas=cfg.adamw_betas)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    K = cfg.n_prototypes
-    centers = dict(dino=torch.zeros(1, K, device=device), ibot=torch.zeros(1, K, device=device))  # EMA centering
-    model = wrap_student(student, teacher, cfg, device)
-    ckpt_path, start = os.path.join(cfg.output_dir, "checkpoint.pth"), 0
-    if cfg.resume and os.path.exists(ckpt_path):
-        start, centers = load_checkpoint(ckpt_path, student, teacher, optimizer, scaler, cfg, device)
+    learner = build_learner("student", student, teacher, cfg, run.device)
+    centers, start = zero_centers(cfg.n_prototypes, run.device), 0  # centers: EMA centering only
+    ckpt_path, ckpt = os.path.join(cfg.output_dir, "checkpoint.pth"), open_run_dir(cfg, run)
+    if ckpt:
+        start, centers = load_checkpoint(ckpt, learner, cfg, run.device)
         print0(f"resumed from {ckpt_path} at iteration {start}")
-    schedules = build_schedules(cfg, d["lr"])
-    stop_at, accum, autocast = cfg.stop_after or cfg.total_iters, d["accumulation_steps"], autocast_for(cfg, device)
-    stop_signal, loader, loader_size = StopSignal(), None, None
-    metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if rank == 0 else None
-    bar = tqdm(total=stop_at, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
-    t_last, logged, it = time.perf_counter(), start, start
-    for it in range(start, stop_at):
-        if crop_size_at(cfg, it) != loader_size:  # start, or entering the high-resolution phase
-            loader_size = crop_size_at(cfg, it)
-            loader = make_loader(dataset, cfg, d["micro_batch_size"], loader_size, it * accum, rank, world_size, device)
-        torch.manual_seed(step_seed(cfg.seed, it, rank))  # drop path draws: a function of the step
-        s = {k: float(v[it]) for k, v in schedules.items()}
-        set_hyperparameters(optimizer, s["lr"], s["last_layer_lr"], s["wd"])
-        batches = [batch_to(next(loader), device) for _ in range(accum)]
-        terms, teacher_out = forward_backward(model, teacher, batches, s["teacher_temp"], centers, scaler, cfg,
-                                              autocast)
-        grad_norm = optimizer_step(optimizer, scaler, student, it, cfg)
-        # State that changes once per optimizer step, visibly: teacher EMA and (EMA centering) the centers.
-        ema_update(teacher, student, s["momentum"])
-        if cfg.centering == "ema":
-            centers = {k: update_center(centers[k], teacher_out[k], cfg.center_momentum) for k in centers}
-        bar.update(1)
-        if (it + 1) % cfg.log_every == 0 or it + 1 == stop_at:
-            row = dict(step=it + 1, **{k: float(v) for k, v in terms.items()}, grad_norm=float(grad_norm),
-                       **{k: s[k] for k in ("lr", "wd", "momentum", "teacher_temp")},
-                       images_per_s=(it + 1 - logged) * cfg.batch_size / (time.perf_counter() - t_last),
-                       memory_gb=peak_memory_gb(device))
-            t_last, logged = time.perf_counter(), it + 1
-            bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['images_per_s']:.0f}")
-            if metrics_file:
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
-        if splits and (it + 1) % cfg.eval_every == 0:  # every rank computes it (FSDP needs all ranks)
-            acc = knn_eval(teacher.backbone, splits, cfg.global_crop_size, device, autocast, cfg.knn_train_size)
-            print0(f"\niteration {it + 1}: teacher k-NN top-1 {acc:.2f}% ({cfg.knn_train_size} train images)")
-            if metrics_file:
-                metrics_file.write(json.dumps(dict(step=it + 1, knn_top1=acc)) + "\n")
-            t_last = time.perf_counter()
-        stopping = stop_signal.any_rank(device)
-        if stopping or (it + 1) % cfg.checkpoint_every == 0 or it + 1 == stop_at:
-            save_checkpoint(ckpt_path, cfg, model_args, it + 1, student, teacher, optimizer, scaler, centers, accum)
-        if stopping:
-            print0(f"\nstop signal: checkpoint written at iteration {it + 1}; continue with --resume")
-            break
-    bar.close()
-    stop_signal.restore()
-    if metrics_file:
-        metrics_file.close()
-    if it + 1 == cfg.total_iters:
+    log = Progress(cfg, run, start, "train", flops_per_step=step_flops(cfg, run))
+    monitor = periodic_knn(cfg, run, teacher.backbone, log) if dataset is None else None
+    dataset = dataset if dataset is not None else build_dataset(cfg.data, train=True)
+    save = lambda step, c: save_checkpoint(ckpt_path, cfg, model_args, step, learner, c)
+    train_loop(cfg, run, [learner], teacher, centers, Batches(dataset, cfg, run), start, save, log, monitor)
+    if run.stop_at == cfg.total_iters:  # the released artefact: the teacher backbone, official keys
         teacher_sd = full_state_dicts(student, teacher, None, cfg)[1]
-        if rank == 0:
+        if run.rank == 0:
             save_backbone(os.path.join(cfg.output_dir, "teacher_backbone.pth"), teacher_sd, model_args)
     return student, teacher
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Benchmark, baselines and main
-# ---------------------------------------------------------------------------------------------------------------
-def bench(device, steps=5):
-    """Images/s and peak memory of one training step (teacher + student forward/backward, AdamW, EMA) on random
-    images: the tiny preset (its batch, 28-px images) and ViT-S/14 (batch 8, paper crops 2 x 224 + 8 x 98),
-    fp32 and bf16. Medians of `steps` steps after a warm-up; CPU seconds are printed too, as they vary less than
-    wall time on a shared machine. Augmentation is timed separately (it runs in DataLoader workers)."""
-    runs = (("tiny", "tiny", PRESETS["tiny"]["batch_size"], 28), ("ViT-S/14", "vit_s", 8, 224))
-    for name, preset, batch, size in runs:
-        for precision in ("fp32", "bf16"):
-            cfg = Config(**{**PRESETS[preset], "batch_size": batch, "precision": precision, "total_iters": 100,
-                            "warmup_iters": 10, "freeze_last_layer_iters": 0})
-            torch.manual_seed(0)
-            student, teacher, _ = build_student_teacher(cfg)
-            student, teacher = student.to(device), teacher.to(device)
-            optimizer = torch.optim.AdamW(param_groups(student, cfg), lr=1e-4)
-            scaler, autocast = torch.amp.GradScaler(device.type, enabled=False), autocast_for(cfg, device)
-            collate = MultiCropCollate(size, cfg.local_crop_size, cfg.n_local_crops, cfg.patch_size)
-            images = [(torch.rand(3, size, size), 0, i) for i in range(batch)]
-            t0 = time.perf_counter()
-            batches = [batch_to(collate(images), device)]
-            t_collate = time.perf_counter() - t0
-            wall, cpu = [], []
-            for i in range(steps + 1):  # the first step warms up (allocations, kernel choices)
-                if i == 1:
-                    reset_peak_memory(device)
-                t0, c0 = time.perf_counter(), time.process_time()
-                forward_backward(student, teacher, batches, 0.07, None, scaler, cfg, autocast)
-                optimizer_step(optimizer, scaler, student, i, cfg)
-                ema_update(teacher, student, 0.994)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                wall.append(time.perf_counter() - t0)
-                cpu.append(time.process_time() - c0)
-            t, c = float(np.median(wall[1:])), float(np.median(cpu[1:]))
-            print(f"{name:9s} batch {batch:4d} {precision}: {batch / t:7.1f} images/s ({t:.3f} s/step wall, {c:.3f} "
-                  f"s CPU), augmentation {batch / t_collate:7.1f} images/s, peak memory "
-                  f"{peak_memory_gb(device):.2f} GB", flush=True)
-            del student, teacher, optimizer, batches
+def step_flops(cfg, run):
+    """FLOPs of one optimizer step (for MFU), counted by plan.py's trace; only on a GPU, where MFU is logged."""
+    if peak_flops(run.device) is None:
+        return None
+    from plan import trace_step  # plan.py imports this file; imported here, on demand
+    return trace_step(cfg, run.micro_batch_size, memory=False)["flops_per_micro_batch"] * run.accumulation_steps \
+        * run.world_size
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Baselines and main (the plan and the benchmark live in plan.py)
+# ---------------------------------------------------------------------------------------------------------------
 def knn_baselines(cfg, device):
     """k-NN of raw pixels and of the randomly initialised teacher (same seed, same architecture)."""
     train_set, test_set = build_dataset(cfg.data, True), build_dataset(cfg.data, False)
@@ -774,19 +725,29 @@ def knn_baselines(cfg, device):
 
 def main():
     cfg, args = parse_config()
-    _, _, device = setup_distributed()
-    if args.bench:
-        bench(device)
-    elif args.baselines:
-        knn_baselines(cfg, device)
-    else:
+    if args.plan or args.bench:
+        import plan  # imports this file: loaded on demand
+        return plan.main(cfg, args)
+    print(cli.describe_overrides(cfg, args.preset, PRESETS, Config), flush=True)
+    _, world_size, device = setup_distributed()
+    try:
+        derived_values(cfg, world_size)
+        if args.baselines:
+            return knn_baselines(cfg, device)
         t0 = time.perf_counter()
         student, teacher = train(cfg)
-        splits = labelled_splits(cfg.data)
-        if splits:
-            acc = knn_eval(teacher.backbone, splits, cfg.global_crop_size, device, autocast_for(cfg, device))
-            print0(f"teacher k-NN (k=20, T=0.07) top-1 on the held-out split: {acc:.2f}% "
-                   f"({(time.perf_counter() - t0) / 60:.1f} min in total)")
+    except RunError as e:
+        cli.error(str(e))
+    except ValueError as e:
+        if not str(e).startswith("--"):  # a bug, not a refused value: keep the traceback
+            raise
+        cli.error(str(e))
+    splits = labelled_splits(cfg.data) if min(cfg.stop_after or cfg.total_iters, cfg.total_iters) == \
+        cfg.total_iters else None  # a run stopped early (--stop_after) exits without the evaluation
+    if splits:
+        acc = knn_eval(teacher.backbone, splits, cfg.global_crop_size, device, autocast_for(cfg, device))
+        print0(f"teacher k-NN (k=20, T=0.07) top-1 on the held-out split: {acc:.2f}% "
+               f"({(time.perf_counter() - t0) / 60:.1f} min in total)")
     if is_dist():
         dist.destroy_process_group()
 

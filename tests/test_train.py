@@ -4,6 +4,7 @@ checkpoints, and 1 rank vs 2 ranks (DDP and FSDP2 over gloo). Tiny models on CPU
 Run: python -m pytest -q tests/test_train.py      (about a minute on 2 cores; RUN_SLOW=1 adds the benchmark)
 """
 import colorsys
+import dataclasses
 import gzip
 import json
 import os
@@ -16,17 +17,21 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import data as D
+import distill
 import model as M
 import train as T
+from runtime import full_state_dicts
 
 TINY_ARCH = dict(embed_dim=32, depth=2, num_heads=2)
 TINY = dict(arch="vit_test", patch_size=4, layerscale=1e-5, drop_path_rate=0.0, n_prototypes=64, head_hidden_dim=64,
-            head_bottleneck_dim=32, global_crop_size=16, local_crop_size=8, n_local_crops=2, batch_size=8,
-            total_iters=6, warmup_iters=2, base_lr=1e-3, teacher_temp_warmup_iters=3, freeze_last_layer_iters=1,
-            highres_iters=0, num_workers=0, log_every=1, checkpoint_every=100, precision="bf16")
+            head_bottleneck_dim=32, ibot_head_bottleneck_dim=32, global_crop_size=16, local_crop_size=8,
+            n_local_crops=2, batch_size=8, total_iters=6, warmup_iters=2, base_lr=1e-3, teacher_temp_warmup_iters=3,
+            freeze_last_layer_iters=1, highres_iters=0, num_workers=0, log_every=1, checkpoint_every=100,
+            precision="fp32")  # bf16 matmuls are emulated (~40x slower) on CPUs without AVX512-BF16 / AMX
 CPU = torch.device("cpu")
 
 
@@ -36,6 +41,7 @@ def tiny_arch(monkeypatch):
 
 
 def tiny_cfg(tmp_path, **overrides):
+    T.ARCHS.setdefault("vit_test", TINY_ARCH)  # (Config.check looks the architecture up)
     return T.Config(**{**TINY, "output_dir": str(tmp_path), **overrides})
 
 
@@ -44,9 +50,15 @@ def random_images(n=32, size=20, seed=0):
     return [(torch.rand(3, size, size, generator=g), i % 4) for i in range(n)]
 
 
-def make_batch(items, cfg, seed):
-    collate = D.MultiCropCollate(cfg.global_crop_size, cfg.local_crop_size, cfg.n_local_crops, cfg.patch_size)
-    return collate([(img, label, seed) for img, label in items])
+def make_batch(items, cfg, seed, step=0):
+    """The collate's batch of `items` as the whole global batch of `step` (positions 0..n-1)."""
+    collate = D.MultiCropCollate(cfg.global_crop_size, cfg.local_crop_size, cfg.n_local_crops, cfg.patch_size,
+                                 seed=seed)
+    return collate([(img, label, (step, j)) for j, (img, label) in enumerate(items)])
+
+
+def state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -54,19 +66,39 @@ def make_batch(items, cfg, seed):
 # ---------------------------------------------------------------------------------------------------------------
 def test_multicrop_shapes_ranges_and_determinism():
     images = [(torch.rand(3, 20 + 3 * i, 30 - 2 * i), i) for i in range(6)]  # folder images differ in size
-    collate = D.MultiCropCollate(global_size=16, local_size=8, n_local=3, patch_size=4)
-    batch = collate([(img, label, 7) for img, label in images])
+    collate = D.MultiCropCollate(global_size=16, local_size=8, n_local=3, patch_size=4, seed=7)
+    keys = [(0, j) for j in range(6)]
+    batch = collate([(img, label, key) for (img, label), key in zip(images, keys)])
     assert batch["global_crops"].shape == (12, 3, 16, 16) and batch["local_crops"].shape == (18, 3, 8, 8)
     assert batch["masks"].shape == (12, 16) and batch["masks"].dtype == torch.bool
-    assert batch["mask_weights"].shape == (int(batch["masks"].sum()),) and batch["labels"].tolist() == list(range(6))
+    M = int(batch["masks"].sum())
+    assert batch["mask_weights"].shape == (M,) and batch["labels"].tolist() == list(range(6))
+    assert torch.equal(batch["mask_indices"], batch["masks"].flatten().nonzero().flatten())
     mean, std = torch.tensor(D.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(D.IMAGENET_STD).view(3, 1, 1)
     for key in ("global_crops", "local_crops"):
         pixels = batch[key] * std + mean  # undo the normalisation: back in [0, 1]
         assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
-    again = collate([(img, label, 7) for img, label in images])
-    assert all(torch.equal(batch[k], again[k]) for k in batch)  # a function of the seed only
-    other = collate([(img, label, 8) for img, label in images])
+    again = collate([(img, label, key) for (img, label), key in zip(images, keys)])
+    assert all(torch.equal(batch[k], again[k]) for k in batch)  # a function of (seed, step, position) only
+    other = collate([(img, label, (1, j)) for j, (img, label) in enumerate(images)])
     assert not torch.equal(batch["global_crops"], other["global_crops"])
+
+
+def test_a_sample_is_augmented_the_same_in_any_micro_batch():
+    """Sample j of step t gets the same crops and mask whether it is collated with the whole global batch or in
+    a micro-batch of another rank: the data stream does not depend on the number of GPUs."""
+    images = random_images(8)
+    collate = D.MultiCropCollate(16, 8, 2, 4, seed=3, global_batch=8)
+    whole = collate([(img, label, (5, j)) for j, (img, label) in enumerate(images)])
+    half = collate([(img, label, (5, j)) for j, (img, label) in enumerate(images) if j >= 4])  # rank 1 of 2
+    for key in ("global_crops", "masks", "local_crops"):  # crop-major: crop c of image j is row c * B + j
+        for c in range(2):
+            assert torch.equal(whole[key][c * 8 + 4:c * 8 + 8], half[key][c * 4:c * 4 + 4]), (key, c)
+    sampler = D.GlobalBatchSampler(n=40, global_batch=8, micro_batch=2, seed=0, rank=1, world_size=2)
+    one = D.GlobalBatchSampler(n=40, global_batch=8, micro_batch=8, seed=0)
+    step = next(iter(one))
+    micro = [b for _, b in zip(range(2), iter(sampler))]  # rank 1's two micro-batches of step 0
+    assert micro == [step[2:4], step[6:8]]  # forward pass a of both ranks: positions 4a..4a+3 of the global batch
 
 
 def test_colour_ops_match_reference():
@@ -78,23 +110,27 @@ def test_colour_ops_match_reference():
             h, s, v = colorsys.rgb_to_hsv(*x[b, :, i, j].tolist())
             expected = colorsys.hsv_to_rgb((h + shift[b].item()) % 1.0, s, v)
             assert torch.allclose(out[b, :, i, j], torch.tensor(expected), atol=1e-5)
-    g = torch.Generator().manual_seed(0)
-    solarized = D.solarize(torch.tensor([0.2, 0.6]).view(1, 2, 1, 1).repeat(2, 1, 1, 1), g, p=1.0)
+    u = torch.zeros(2, 2, dtype=torch.float64)  # every draw 0 < p: applied
+    solarized = D.solarize(torch.tensor([0.2, 0.6]).view(1, 2, 1, 1).repeat(2, 1, 1, 1), u[:, :1], p=0.5)
     assert torch.allclose(solarized.flatten(), torch.tensor([0.2, 0.4, 0.2, 0.4]))  # >= 128/255 inverted
-    blurred = D.gaussian_blur(torch.full((2, 3, 12, 12), 0.3), g, p=1.0)  # a constant image stays constant
+    blurred = D.gaussian_blur(torch.full((2, 3, 12, 12), 0.3), u, p=0.5)  # a constant image stays constant
     assert torch.allclose(blurred, torch.full_like(blurred, 0.3), atol=1e-6)
+    untouched = D.solarize(torch.full((2, 3, 4, 4), 0.9), torch.ones(2, 1, dtype=torch.float64), p=0.5)
+    assert torch.equal(untouched, torch.full((2, 3, 4, 4), 0.9))  # draws >= p: not applied
 
 
 def test_masks_have_the_asked_ratios():
-    rng, grid, n_crops = np.random.default_rng(0), 14, 200
-    masks = D.sample_masks(rng, n_crops, grid, ratio=(0.1, 0.5), probability=0.5)
+    grid, n_crops = 14, 200
+    plan = D.mask_plan(seed=0, step=3, n_crops=n_crops, ratio=(0.1, 0.5), probability=0.5)
+    rngs = [np.random.default_rng(k) for k in range(n_crops)]
+    masks = D.sample_masks(rngs, range(n_crops), plan, grid)
     counts = masks.sum(dim=1).float() / grid ** 2  # masked fraction of each crop
     assert masks.shape == (n_crops, grid * grid) and (counts > 0).sum() == 100  # exactly half are masked
     masked = counts[counts > 0].sort().values
     assert masked.max() <= 0.5 and masked.min() >= 0.05  # BEiT masking may fall a little short of 0.1, never above
     # the targets are spread uniformly over [0.1, 0.5]: the sorted ratios follow the linspace closely
     assert torch.allclose(masked, torch.linspace(0.1, 0.5, 100), atol=0.06)
-    block = D.block_mask(rng, grid, 60)
+    block = D.block_mask(np.random.default_rng(0), grid, 60)
     assert 50 <= block.sum() <= 60
 
 
@@ -144,8 +180,9 @@ def test_param_groups_multipliers(tmp_path):
 def test_cli_overrides_presets_and_unknown_keys():
     cfg, _ = T.parse_config([])
     assert cfg.arch == "vit_tiny" and T.Config().arch == "vit_giant2"  # no flags: the demo; defaults: the paper
-    cfg, _ = T.parse_config(["--preset", "vit_l", "--batch_size", "1024", "--resume", "--mask_ratio", "0.2", "0.4"])
+    cfg, _ = T.parse_config(["--preset", "vit_l", "--batch_size", "1024", "--resume", "--mask_ratio", "0.2,0.4"])
     assert (cfg.arch, cfg.batch_size, cfg.resume, cfg.mask_ratio) == ("vit_large", 1024, True, (0.2, 0.4))
+    assert cfg.ffn_layer == "swiglufused" and cfg.ibot_head_bottleneck_dim == 256 and cfg.head_bottleneck_dim == 384
     assert T.parse_config(["--fsdp", "false"])[0].fsdp is False
     with pytest.raises(SystemExit):
         T.parse_config(["--no_such_field", "1"])
@@ -156,26 +193,19 @@ def test_cli_overrides_presets_and_unknown_keys():
 # ---------------------------------------------------------------------------------------------------------------
 # The training step
 # ---------------------------------------------------------------------------------------------------------------
-def run_steps(cfg, batches, model_wrapper=None):
-    """The training loop's step on fixed batches (one optimizer step per batch) -> (student, teacher, losses)."""
+def step_fixed_batches(cfg, batches):
+    """train.train_step (the product's step) on fixed batches, one step per entry (a list = micro-batches)
+    -> (student, teacher, losses)."""
     torch.manual_seed(0)
     student, teacher, _ = T.build_student_teacher(cfg)
-    model = model_wrapper(student, teacher) if model_wrapper else student
-    optimizer = torch.optim.AdamW(T.param_groups(student, cfg), betas=cfg.adamw_betas)
-    scaler, autocast = torch.amp.GradScaler("cpu", enabled=False), T.autocast_for(cfg, CPU)
-    s = T.build_schedules(cfg, T.derived_values(cfg, 1)["lr"])
-    centers = dict(dino=torch.zeros(1, cfg.n_prototypes), ibot=torch.zeros(1, cfg.n_prototypes))
-    losses = []
-    for it, batch in enumerate(batches):  # a batch, or a list of micro-batches (gradient accumulation)
-        T.set_hyperparameters(optimizer, s["lr"][it], s["last_layer_lr"][it], s["wd"][it])
-        micro_batches = batch if isinstance(batch, list) else [batch]
-        terms, teacher_out = T.forward_backward(model, teacher, micro_batches, s["teacher_temp"][it], centers, scaler,
-                                                cfg, autocast)
-        T.optimizer_step(optimizer, scaler, student, it, cfg)
-        T.ema_update(teacher, student, s["momentum"][it])
-        if cfg.centering == "ema":
-            centers = {k: T.update_center(centers[k], teacher_out[k], cfg.center_momentum) for k in centers}
-        losses.append(float(terms["loss"]))
+    learner = T.build_learner("student", student, teacher, cfg, CPU)
+    schedules = T.build_schedules(cfg, T.derived_values(cfg, 1)["lr"])
+    centers, autocast, losses = T.zero_centers(cfg.n_prototypes, CPU), T.autocast_for(cfg, CPU), []
+    for it, batch in enumerate(batches):
+        hp = {k: float(v[it]) for k, v in schedules.items()}
+        terms, centers = T.train_step([learner], teacher, batch if isinstance(batch, list) else [batch], hp,
+                                      centers, cfg, autocast)
+        losses.append(float(terms["student"]["loss"]))
     return student, teacher, losses
 
 
@@ -187,7 +217,7 @@ def test_loss_finite_and_decreasing_on_fixed_batch(tmp_path, centering):
     cfg = tiny_cfg(tmp_path, centering=centering, warmup_iters=0, freeze_last_layer_iters=0, total_iters=100,
                    teacher_temp_warmup_iters=0, base_lr=2e-3, center_momentum=1.0)
     batch = make_batch(random_images(16), cfg, seed=1)
-    _, _, losses = run_steps(cfg, [batch] * 12)
+    _, _, losses = step_fixed_batches(cfg, [batch] * 12)
     assert all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.05, losses
 
@@ -208,26 +238,21 @@ def test_teacher_is_ema_of_student_after_a_step(tmp_path):
 
 
 def test_activation_checkpointing_changes_nothing(tmp_path):
-    cfg = tiny_cfg(tmp_path, precision="fp32")
-    batch = make_batch(random_images(8), cfg, seed=1)
-    plain, _, losses = run_steps(cfg, [batch] * 2)
-    cfg_ac = tiny_cfg(tmp_path, precision="fp32", activation_checkpointing=True)
-    checkpointed, _, losses_ac = run_steps(cfg_ac, [batch] * 2, lambda s, t: T.wrap_student(s, t, cfg_ac, CPU))
-    assert losses == losses_ac and list(plain.state_dict()) == list(checkpointed.state_dict())  # same key names
+    cfg = tiny_cfg(tmp_path / "a", total_iters=2)
+    plain, _ = T.train(cfg, dataset=random_images())
+    checkpointed, _ = T.train(tiny_cfg(tmp_path / "b", total_iters=2, activation_checkpointing=True),
+                              dataset=random_images())
+    assert list(plain.state_dict()) == list(checkpointed.state_dict())  # same key names
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), checkpointed.state_dict().values()))
 
 
 def test_gradient_accumulation_equals_full_batch(tmp_path):
-    # Sinkhorn-Knopp and KoLeo are computed over the batch a forward pass sees, so with accumulation they see the
-    # micro-batch; with EMA centering and KoLeo weight 0 every term is a per-image mean and the two must agree.
-    cfg = tiny_cfg(tmp_path, precision="fp32", centering="ema", koleo_loss_weight=0.0, warmup_iters=0)
-    items = random_images(8, seed=5)
-    halves = [[make_batch(items[h * 4:(h + 1) * 4], cfg, seed=10 * step + h) for h in range(2)] for step in range(2)]
-    full = [concat_batches(micro, cfg.n_local_crops) for micro in halves]
-    student_full, teacher_full, losses_full = run_steps(cfg, full)
-    student_acc, teacher_acc, losses_acc = run_steps(cfg, halves)
-    np.testing.assert_allclose(losses_acc, losses_full, rtol=1e-5)
-    for (name, a), b in zip(student_full.state_dict().items(), student_acc.state_dict().values()):
+    # Sinkhorn-Knopp and KoLeo see the images of one forward pass (all ranks together), so with accumulation they
+    # see a micro-batch; with EMA centering and KoLeo weight 0 every term is a per-image mean and the two agree.
+    common = dict(centering="ema", koleo_loss_weight=0.0, warmup_iters=0, total_iters=3)
+    full, _ = T.train(tiny_cfg(tmp_path / "full", **common), dataset=random_images())
+    accumulated, _ = T.train(tiny_cfg(tmp_path / "acc", micro_batch_size=4, **common), dataset=random_images())
+    for (name, a), b in zip(full.state_dict().items(), accumulated.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
 
 
@@ -297,10 +322,11 @@ def test_resume_is_bit_exact_and_checkpoint_layout(tmp_path):
     assert ckpt_a["config"]["total_iters"] == 6 and ckpt_a["step"] == 6
     assert {k.split(".")[0] for k in ckpt_a["teacher"]} == {"backbone", "dino_head", "ibot_head"}
     # d: preempted by SIGUSR1 while loading iteration 2's batch, resumed: same result again
-    sampler = iter(D.StepBatchSampler(24, 8, seed=0))
+    sampler = iter(D.GlobalBatchSampler(24, global_batch=8, micro_batch=8, seed=0))
     next(sampler)
     first_of_step_2 = next(sampler)[0][0]
-    T.train(tiny_cfg(tmp_path / "d", **common), dataset=SignalAt(items, at=first_of_step_2))
+    with pytest.raises(SystemExit):  # the process exits right after the checkpoint (no evaluation)
+        T.train(tiny_cfg(tmp_path / "d", **common), dataset=SignalAt(items, at=first_of_step_2))
     assert torch.load(tmp_path / "d" / "checkpoint.pth", weights_only=True)["step"] == 2
     _, teacher_d = T.train(tiny_cfg(tmp_path / "d", resume=True, **common), dataset=items)
     assert all(torch.equal(x, y) for x, y in zip(teacher_a.state_dict().values(), teacher_d.state_dict().values()))
@@ -312,51 +338,55 @@ def test_resume_is_bit_exact_and_checkpoint_layout(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Distributed: 2 ranks (gloo, CPU) == 1 rank on the same global batch
+# Distributed, through the entry points: 2 ranks (gloo, CPU) == 1 process on the same global batch
 # ---------------------------------------------------------------------------------------------------------------
-def concat_batches(batches, n_local):
-    """The global batch that the ranks' batches form together (crops are crop-major within each batch)."""
-    crops = lambda key, n: torch.cat([b[key].chunk(n)[i] for i in range(n) for b in batches])
-    masks = crops("masks", 2)
-    weights = (1.0 / masks.sum(dim=1, keepdim=True).clamp(min=1)).expand_as(masks)[masks]
-    return dict(global_crops=crops("global_crops", 2), local_crops=crops("local_crops", n_local), masks=masks,
-                mask_weights=weights, labels=torch.cat([b["labels"] for b in batches]))
+# Sinkhorn-Knopp and KoLeo see the images of one forward pass of all ranks together (world x micro-batch), so the
+# runs compared below keep that number equal; everything else is a per-image mean. Drop path 0: its draws are
+# per rank. fp32 (TINY), so the tolerance is float rounding. No LayerScale: with 1e-5 a fresh net's class tokens
+# nearly coincide, KoLeo's gradient is ~1e7 and amplifies rounding (measured 1.3e-4 apart after 3 steps; 5e-7
+# without LayerScale, with KoLeo's neighbours searched over both ranks).
+DIST = dict(drop_path_rate=0.0, total_iters=3, warmup_iters=0, freeze_last_layer_iters=1, base_lr=1e-3,
+            layerscale=0.0)
+DIST_RUNS = {"ddp": {}, "fsdp": dict(fsdp=True), "fsdp_ac": dict(fsdp=True, activation_checkpointing=True),
+             "ddp_accumulation": dict(micro_batch_size=2)}
 
 
-# KoLeo is inherently per rank: each rank searches nearest neighbours within its own local batch (as the official
-# code does), so 2 ranks x 4 images differ from 1 rank x 8 images. The comparison runs with koleo_loss_weight 0.
-DIST = dict(precision="fp32", koleo_loss_weight=0.0, warmup_iters=0, freeze_last_layer_iters=1, base_lr=1e-3)
+def distill_cfg(out_dir, teacher_path, **overrides):
+    base = {k: v for k, v in TINY.items() if k not in ("arch", "n_prototypes")}
+    return distill.DistillConfig(**{**base, **DIST, "teacher": teacher_path, "students": "vit_test",
+                                    "output_dir": str(out_dir), **overrides})
 
 
-def rank_batches(cfg, n_steps, rank, world_size):
-    items = random_images(8, seed=3)
-    per_rank = len(items) // world_size
-    return [make_batch(items[r * per_rank:(r + 1) * per_rank], cfg, seed=100 * step + r)
-            for step in range(n_steps) for r in ([rank] if world_size > 1 else [0])]
+def save_tiny_teacher(path):
+    """A randomly initialised TINY teacher in train.py's checkpoint layout."""
+    cfg = tiny_cfg(os.path.dirname(path))
+    torch.manual_seed(1)
+    _, teacher, model_args = T.build_student_teacher(cfg)
+    torch.save(dict(model_args=model_args, teacher=teacher.state_dict()), path)
 
 
 def dist_worker(rank, world_size, port, out_dir):
-    import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     T.ARCHS["vit_test"] = TINY_ARCH
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    results = {}
-    # (a) the whole loop, DDP: parameters identical on both ranks afterwards
-    cfg = tiny_cfg(os.path.join(out_dir, "loop"), total_iters=3, batch_size=16)
-    student, teacher = T.train(cfg, dataset=random_images(32))
-    results["loop"] = {k: v.clone() for k, v in student.state_dict().items()}
-    # (b) fixed batches, DDP and FSDP2: each rank gets half of the global batch
-    for name, fsdp in (("ddp", False), ("fsdp", True)):
-        cfg = tiny_cfg(out_dir, fsdp=fsdp, **DIST)
-        batches = [make_batch(random_images(8, seed=3)[rank * 4:(rank + 1) * 4], cfg, seed=100 * step + rank)
-                   for step in range(3)]
-        wrapper = lambda s, t: T.wrap_student(s, t, cfg, CPU)
-        student, teacher, _ = run_steps(cfg, batches, wrapper)
-        sd, tsd, _ = T.full_state_dicts(student, teacher, None, cfg)
-        results[name] = {k: v.clone() for k, v in sd.items()}
-        results[name + "_teacher"] = {k: v.clone() for k, v in tsd.items()}
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    items, results = random_images(32, seed=3), {}
+    for name, kw in DIST_RUNS.items():
+        cfg = tiny_cfg(os.path.join(out_dir, name), **DIST, **kw)
+        student, teacher = T.train(cfg, dataset=items)
+        results[name] = full_state_dicts(student, teacher, None, cfg)[0]  # FSDP2: gathered from the shards
+    cfg = tiny_cfg(os.path.join(out_dir, "fsdp_resume"), fsdp=True, stop_after=2, **DIST)  # stop, then resume
+    T.train(cfg, dataset=items)
+    student, teacher = T.train(dataclasses.replace(cfg, stop_after=0, resume=True), dataset=items)
+    results["fsdp_resume"] = full_state_dicts(student, teacher, None, cfg)[0]
+    T.train(tiny_cfg(os.path.join(out_dir, "stopped_on_2"), fsdp=True, stop_after=2, **DIST), dataset=items)
+    dcfg = distill_cfg(os.path.join(out_dir, "distill"), os.path.join(out_dir, "teacher.pth"), fsdp=True,
+                       stop_after=2)
+    distill.distill(dcfg, dataset=items)
+    _, [st] = distill.distill(dataclasses.replace(dcfg, stop_after=0, resume=True), dataset=items)
+    results["distill_fsdp_resume"] = full_state_dicts(st.model, st.ema, None, dcfg)[1]  # the spare EMA
+    if rank == 0:
+        torch.save(results, os.path.join(out_dir, "results.pt"))
     dist.destroy_process_group()
 
 
@@ -366,24 +396,37 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_ranks_match_one_rank(tmp_path):
+def assert_same_weights(got, expected, what):
+    for name, p in expected.items():
+        torch.testing.assert_close(got[name], p, rtol=0, atol=1e-5, msg=f"{what}: {name}")
+
+
+def assert_moved(sd, what):
+    torch.manual_seed(0)  # train() seeds with cfg.seed = 0: its initial weights
+    initial, _, _ = T.build_student_teacher(tiny_cfg("unused", **DIST))
+    moved = [k for k, v in initial.state_dict().items() if not torch.equal(v, sd[k])]
+    assert len(moved) > 20, (what, moved)  # the student trained: the comparisons are not vacuous
+
+
+def test_two_ranks_match_one_process_ddp_fsdp2_accumulation_resume(tmp_path):
+    save_tiny_teacher(str(tmp_path / "teacher.pth"))
     mp.spawn(dist_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
-    for key in ("loop", "ddp", "ddp_teacher"):  # (FSDP2 holds one shard per rank; its full state is on rank 0)
-        for name in r0[key]:
-            assert torch.equal(r0[key][name], r1[key][name]), (key, name)  # DDP ranks stay identical
-    cfg = tiny_cfg(tmp_path, **DIST)
-    global_batches = [concat_batches([make_batch(random_images(8, seed=3)[r * 4:(r + 1) * 4], cfg, 100 * step + r)
-                                      for r in range(2)], cfg.n_local_crops) for step in range(3)]
-    student, teacher, _ = run_steps(cfg, global_batches)
-    for name, p in student.state_dict().items():
-        torch.testing.assert_close(r0["ddp"][name], p, rtol=0, atol=1e-5, msg=f"DDP {name}")
-        torch.testing.assert_close(r0["fsdp"][name], p, rtol=0, atol=1e-5, msg=f"FSDP2 {name}")
-    for name, p in teacher.state_dict().items():
-        torch.testing.assert_close(r0["ddp_teacher"][name], p, rtol=0, atol=1e-5, msg=f"DDP teacher {name}")
-    moved = [name for name, p in student.state_dict().items()
-             if not torch.equal(p, run_steps(cfg, [])[0].state_dict()[name])]
-    assert len(moved) > 10  # the comparison is not vacuous
+    results = torch.load(tmp_path / "results.pt", weights_only=True)
+    items = random_images(32, seed=3)
+    one, _ = T.train(tiny_cfg(tmp_path / "one", **DIST), dataset=items)  # 1 process, micro-batch 8
+    for name in ("ddp", "fsdp", "fsdp_ac", "fsdp_resume"):
+        assert_same_weights(results[name], one.state_dict(), name)
+        assert_moved(results[name], name)
+    # 2 ranks x micro-batch 2 x accumulation 2 == 1 process x micro-batch 4 x accumulation 2
+    accumulated, _ = T.train(tiny_cfg(tmp_path / "one_acc", micro_batch_size=4, **DIST), dataset=items)
+    assert_same_weights(results["ddp_accumulation"], accumulated.state_dict(), "DDP with accumulation")
+    # a 2-rank FSDP2 checkpoint resumed by one process continues the same run (the data stream is global)
+    resumed, _ = T.train(tiny_cfg(tmp_path / "stopped_on_2", resume=True, **DIST), dataset=items)
+    assert_same_weights(resumed.state_dict(), one.state_dict(), "2 ranks -> 1 process resume")
+    # distillation under FSDP2, stopped and resumed, == one process uninterrupted (the students' spare EMA)
+    _, [st] = distill.distill(distill_cfg(tmp_path / "distill_one", str(tmp_path / "teacher.pth")), dataset=items)
+    assert_same_weights(results["distill_fsdp_resume"], st.ema.state_dict(), "distill FSDP2 resume")
+    assert not torch.equal(st.ema.backbone.cls_token, st.model.backbone.cls_token)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,320 @@
+"""What a training run needs besides the method: processes, its directory, checkpoints, progress, preemption.
+
+train.py and distill.py hold the method (Sec. 4-5); this file holds the machinery around it, the same for
+both, so neither grows past a readable size and the loop reads as the method:
+  - processes: torchrun (RANK in the environment) or one plain process, print0 on rank 0 ... setup_distributed
+  - the run directory: never start over an existing run by accident, one writer at a time (a lock file; a
+    dead writer's lock is taken over), --resume only a run that can continue as it was .... open_run_dir
+  - checkpoints: unsharded state dicts (FSDP2 gathers), written atomically, exact RNG state  learner_state,
+    .......................................................................................... atomic_save
+  - progress bar and metrics.jsonl with images/s, memory and model FLOP utilisation ........ Progress
+  - SIGTERM / SIGUSR1 from a cluster scheduler: checkpoint at the end of the step, exit ..... StopSignal
+Nothing runs on import; nothing here knows the model.
+"""
+import atexit
+import json
+import os
+import random
+import signal
+import socket
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cli import progress
+from losses import is_dist
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Processes: torchrun (RANK in the environment) or one plain process
+# ---------------------------------------------------------------------------------------------------------------
+def setup_distributed():
+    """-> (rank, world_size, device). A process group only when launched by torchrun (or anything setting RANK)."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+
+
+def get_rank():
+    return dist.get_rank() if is_dist() else 0
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only (the built-in print stays untouched on every rank)."""
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run directory: nothing overwritten by accident, one writer at a time, resume only what can continue
+# ---------------------------------------------------------------------------------------------------------------
+class RunError(Exception):
+    """A run that must not start (main prints it as one line and exits with status 2)."""
+
+
+# Fields that may differ on --resume without changing what the run computes (systems and bookkeeping).
+RESUMABLE_CHANGES = {"data", "output_dir", "micro_batch_size", "fsdp", "activation_checkpointing", "compile",
+                     "num_workers", "log_every", "eval_every", "knn_train_size", "checkpoint_every", "resume",
+                     "overwrite", "allow_changes", "stop_after", "teacher", "attn_impl"}
+
+
+def open_run_dir(cfg, run):
+    """Claim cfg.output_dir for this run -> the checkpoint to resume from (a dict) or None. Refuses to start
+    over an existing checkpoint without --resume or --overwrite, --resume without a checkpoint, and (unless
+    --allow_changes) a resume whose config changes what the run computes; prints every difference. Every rank
+    checks (same files, same answer); rank 0 holds the lock file."""
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    if run.rank == 0:
+        take_lock(os.path.join(cfg.output_dir, "run.lock"))
+    path = os.path.join(cfg.output_dir, "checkpoint.pth")
+    exists = os.path.exists(path)
+    if cfg.resume and not exists:
+        raise RunError(f"--resume: no checkpoint at {path}; start a new run without --resume")
+    if exists and not cfg.resume and not cfg.overwrite:
+        raise RunError(f"{cfg.output_dir} already holds a run ({path}); continue it with --resume, replace it "
+                       f"with --overwrite true, or choose another --output_dir")
+    metrics = os.path.join(cfg.output_dir, "metrics.jsonl")
+    if not cfg.resume:
+        if run.rank == 0 and os.path.exists(metrics):
+            os.remove(metrics)  # --overwrite: the old run's rows would mix with the new ones
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    saved, current = ckpt["config"], asdict(cfg)
+    changed = {k: (saved.get(k), v) for k, v in current.items() if _plain(saved.get(k)) != _plain(v)}
+    for k, (old, new) in changed.items():
+        print0(f"resume: {k} was {old!r}, now {new!r}")
+    breaking = sorted(set(changed) - RESUMABLE_CHANGES)
+    if breaking and not cfg.allow_changes:
+        raise RunError(f"--resume with changed {', '.join(breaking)} would continue a different run (lr, data "
+                       f"order or model); restore them, or pass --allow_changes true")
+    if run.rank == 0 and os.path.exists(metrics):  # drop rows logged after the checkpoint: they are redone
+        with open(metrics) as f:
+            rows = [line for line in f if json.loads(line).get("step", 0) <= ckpt["step"]]
+        with open(metrics, "w") as f:
+            f.writelines(rows)
+    return ckpt
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value  # a tuple field may come back as a list
+
+
+def take_lock(path):
+    """One run per directory: create `path` exclusively with "pid host"; a lock left by a dead process on this
+    host is taken over. Released at the end of the loop or when the process exits."""
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            with open(path) as f:
+                owner = f.read().split()
+            pid, host = (int(owner[0]), owner[1]) if len(owner) == 2 else (0, "")
+            if host == socket.gethostname() and (pid == os.getpid() or not _alive(pid)):
+                os.remove(path)  # ours from an earlier run in this process, or stale: its process is gone
+                continue
+            raise RunError(f"{os.path.dirname(path)} is in use by process {pid} on {host or '?'} ({path}); "
+                           f"wait for it, or delete the lock file if that process is gone")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}")
+        atexit.register(release_lock, path)
+        return
+    raise RunError(f"could not take the lock {path}")
+
+
+def release_lock(path):
+    """Remove the lock file if this process holds it (train_loop's end, and at exit)."""
+    try:
+        with open(path) as f:
+            mine = f.read().split()[:1] == [str(os.getpid())]
+        if mine:
+            os.remove(path)
+    except OSError:
+        pass
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: unsharded, atomic, loadable with weights_only=True
+# ---------------------------------------------------------------------------------------------------------------
+def full_state_dicts(model, ema, optimizer, cfg):
+    """Unsharded state dicts (FSDP2 gathers the shards; every rank must call this) -> (model, ema, optimizer)."""
+    if is_dist() and cfg.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        if optimizer is None:
+            return get_model_state_dict(model, options=opts), get_model_state_dict(ema, options=opts), None
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
+        return model_sd, get_model_state_dict(ema, options=opts), optim_sd
+    return model.state_dict(), ema.state_dict(), optimizer.state_dict() if optimizer else None
+
+
+def learner_state(learner, cfg):
+    """What a learner needs to continue exactly: {"student", "ema", "optimizer", "scaler"} (all ranks call)."""
+    model_sd, ema_sd, optim_sd = full_state_dicts(learner.model, learner.ema, learner.optimizer, cfg)
+    return dict(student=model_sd, ema=ema_sd, optimizer=optim_sd, scaler=learner.scaler.state_dict())
+
+
+def load_learner_state(learner, state, cfg):
+    """Inverse of learner_state; under FSDP2 each rank keeps its shard of the full state dicts."""
+    if is_dist() and cfg.fsdp:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(learner.model, state["student"], options=opts)
+        set_model_state_dict(learner.ema, state["ema"], options=opts)
+        # not strict: a parameter that never had a gradient (distillation's unused mask token) has no AdamW state
+        set_optimizer_state_dict(learner.model, learner.optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        learner.model.load_state_dict(state["student"])
+        learner.ema.load_state_dict(state["ema"])
+        learner.optimizer.load_state_dict(state["optimizer"])
+    learner.scaler.load_state_dict(state["scaler"])
+
+
+def rng_states():
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = dict(torch=torch.get_rng_state(), python=random.getstate(),
+                  numpy=[name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss])
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states):
+    torch.set_rng_state(states["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file of this process, then rename: a crash mid-write never leaves a broken file
+    at `path`, and two writers never share a temporary file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_backbone(path, state_dict, model_args):
+    """The backbone alone (the "backbone.*" entries of a DinoV2 state dict) as a bare state dict in the official
+    key layout, as the released hub weights, plus <stem>.json with the constructor kwargs (model.load_model)."""
+    backbone = {k.removeprefix("backbone."): v.cpu() for k, v in state_dict.items() if k.startswith("backbone.")}
+    atomic_save(backbone, path)
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump(dict(model_args=model_args), f, indent=1)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Progress, metrics and model FLOP utilisation; preemption
+# ---------------------------------------------------------------------------------------------------------------
+def peak_memory_gb(device):
+    """Peak memory since the last reset: CUDA allocator peak, or the process's peak RSS (VmHWM) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2 ** 20
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # Linux: writing 5 to clear_refs resets the peak RSS
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+PEAK_BF16_TFLOPS = {"H100": 989, "H200": 989, "H800": 989, "GH200": 989, "B200": 2250, "A100": 312,
+                    "A800": 312, "L40S": 362, "A10": 125, "L4": 121, "V100": 125}  # dense, vendor data sheets
+
+
+def peak_flops(device):
+    """The device's dense bf16 peak FLOP/s from its name, or None (CPU, or a GPU not in the table)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((t * 1e12 for key, t in PEAK_BF16_TFLOPS.items() if key in name.split()), None)
+
+
+class Progress:
+    """Rank 0's progress bar and metrics.jsonl: one row every cfg.log_every steps with the loss terms, schedule
+    values, images/s, peak memory and, on a known GPU, model FLOP utilisation (MFU, as nanoGPT's estimate_mfu:
+    FLOPs of a step from plan.py's trace / step time / the device's peak)."""
+
+    def __init__(self, cfg, run, start, desc, flops_per_step=None):
+        self.cfg, self.run, self.flops_per_step = cfg, run, flops_per_step
+        self.peak = peak_flops(run.device)
+        self.file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if run.rank == 0 else None
+        self.bar = progress(total=run.stop_at, initial=start, disable=run.rank != 0, desc=desc, dynamic_ncols=True)
+        self.t_last, self.logged = time.perf_counter(), start
+
+    def step(self, it, terms, hp):
+        self.bar.update(1)
+        if (it + 1) % self.cfg.log_every and it + 1 != self.run.stop_at:
+            return
+        seconds = (time.perf_counter() - self.t_last) / (it + 1 - self.logged)  # per step
+        row = dict(step=it + 1, **hp, images_per_s=self.cfg.batch_size / seconds,
+                   memory_gb=peak_memory_gb(self.run.device))
+        if self.flops_per_step and self.peak:
+            row["mfu"] = self.flops_per_step / self.run.world_size / seconds / self.peak
+        for name, parts in terms.items():  # one learner: plain keys; several (distillation): prefixed
+            prefix = "" if len(terms) == 1 else f"{name}/"
+            row.update({prefix + k: float(getattr(v, "full_tensor", lambda: v)()) for k, v in parts.items()})
+        self.t_last, self.logged = time.perf_counter(), it + 1
+        shown = {k: f"{v:.3f}" for k, v in row.items() if k.endswith("loss")}
+        self.bar.set_postfix(**shown, img_s=f"{row['images_per_s']:.0f}",
+                             **({"mfu": f"{row['mfu']:.0%}"} if "mfu" in row else {}))
+        self.write(row)
+
+    def write(self, row):
+        if self.file:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def close(self):
+        self.bar.close()
+        if self.file:
+            self.file.close()
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (cluster preemption) -> finish the step, write a checkpoint, exit."""
+
+    def __init__(self):
+        self.received = False
+        self.previous = {sig: signal.signal(sig, self.handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def handler(self, signum, frame):
+        self.received = True
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def any_rank(self, device):
+        flag = torch.tensor(float(self.received), device=device)
+        if is_dist():  # all ranks must stop at the same step
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
