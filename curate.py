@@ -3,11 +3,16 @@
 Uncurated pool + curated datasets -> an embedding of every image -> near-duplicates removed inside the pool ->
 pool images close to evaluation sets removed -> pool images close to each curated dataset retrieved ->
 curated.tsv (id, source, dataset), stats.json (every step), montage.png (duplicate groups, retrieved neighbours).
+As in the paper, two embeddings: a copy detector's for deduplication (--copy_checkpoint; the tiny preset uses
+copydetect.py's, a hand-made + learned-whitening stand-in for SSCD) and the retrieval backbone's (--checkpoint).
+Embeddings are cached in --out as emb_<name>_<key>.npy + a .json manifest (source path, backbone, image size,
+image count); under torchrun every rank writes page-aligned rows of the same file, so --out must be one folder
+that every node sees.
 
 Run (a source is an image folder, "fashion-mnist" / "fashion-mnist:test", or precomputed embeddings <name>.npy
 with an optional <name>.ids.txt; every sub-command takes the CurateConfig fields as --field value):
     python curate.py run --preset tiny --pool fashion-mnist --curated fashion-mnist:test  # ~1 min on 2 CPU cores
-    python curate.py embed --pool <folder> --checkpoint teacher_backbone.pth    # -> out/curate/emb_<name>.npy
+    python curate.py embed --pool <folder> --checkpoint teacher_backbone.pth    # -> out/curate/emb_<name>_<key>.npy
     torchrun --nproc_per_node 8 curate.py embed ...  # each rank embeds a contiguous slice of the images
     python curate.py dedup --pool emb.npy --eval_sets a.npy,b.npy               # -> out/curate/pool_status.npy
     torchrun --nnodes 20 --nproc_per_node 1 ... curate.py dedup ...  # one process per node, index on its GPUs
@@ -15,12 +20,14 @@ with an optional <name>.ids.txt; every sub-command takes the CurateConfig fields
     python bench_curate.py                           # 1M-embedding CPU benchmark (numbers in the README)
 
 Paper -> code
-  Sec. 3, an embedding of every image ........................ embed (any backbone model.load_model reads)
+  Sec. 3, an embedding of every image ........................ embed (any backbone model.load_model reads),
+                                                               load_source (cache keyed by cache_key)
+  App. A.3, a copy-detection embedding (SSCD) ................ copydetect.CopyDescriptor (tiny preset)
   App. A.2, cosine similarity ................................ rows normalised on read, faiss inner product
   Sec. 3 "Implementation details", faiss IVF-PQ on GPUs ...... train_index, fill_index, knn, rescore
   App. A.3, self-deduplication (k = 64, > 0.6, components) ... knn_edges, connected_components, self_dedup
   App. A.3, relative deduplication (> 0.45, whole component) . relative_dedup
-  App. A.4, sample-based retrieval (k nearest per image) ..... sample_retrieval
+  App. A.4, sample-based retrieval (k nearest per image) ..... sample_retrieval, sample_k_of (32 for IN-1k)
   App. A.4, cluster-based retrieval (> 3 images, 10k, 1M) .... kmeans, assign, cluster_retrieval
   Vo et al. 2024, hierarchical k-means, balanced sampling .... hierarchical_kmeans, balanced_split,
                                                                hierarchical_sampling
@@ -28,7 +35,9 @@ Paper -> code
 Shape legend: N pool images, Q queries, D embedding width, k neighbours, C clusters.
 """
 import dataclasses
+import hashlib
 import json
+import math
 import os
 import sys
 from collections import namedtuple
@@ -42,10 +51,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from faiss.contrib import ivf_tools
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Subset
 from tqdm import tqdm
 
+from copydetect import VERSION as COPY_VERSION
+from copydetect import load_copy_descriptor
 from data import build_dataset, extract_features
 from model import load_model
 
@@ -61,6 +72,8 @@ class CurateConfig:
     eval_sets: str = ""  # evaluation sets to deduplicate against (App. A.3: train and test splits of benchmarks)
     out: str = "out/curate"  # output folder
     checkpoint: str = ""  # backbone for embeddings (paper: SSL ViT-H/16 on IN-22k); "pixels" = standardised pixels
+    copy_checkpoint: str = ""  # embedding for deduplication (App. A.3: the SSCD copy detector); "" = checkpoint;
+    # "copy" = copydetect.py's descriptor for 28-px grey images (learned whitening, an SSCD stand-in)
     image_size: int = 224  # embedding input resolution, px
     batch_size: int = 256  # images per embedding forward
     num_workers: int = 8  # DataLoader workers decoding images for the embedding
@@ -73,19 +86,21 @@ class CurateConfig:
     # retrieval (App. A.4)
     retrieval: str = "auto"  # auto | sample | cluster | hierarchical; auto: sample-based for large datasets
     sample_min_size: int = 1_000_000  # auto: datasets of at least this many images use sample-based retrieval
-    sample_k: int = 4  # pool neighbours per curated image (paper: 4; 32 for ImageNet-1k)
+    sample_k: int = 4  # pool neighbours per curated image (paper: 4 for most datasets)
+    sample_k_sets: str = ""  # per-dataset sample_k, "name:k,name:k" by source name (paper: imagenet-1k:32)
     images_per_cluster: int = 7_440  # pool images per k-means cluster: ~744M deduplicated / 100,000 clusters
     max_clusters: int = 100_000  # k-means clusters of the pool (paper: 100,000)
     cluster_min_count: int = 3  # a cluster is retrieved when it holds MORE than this many curated images
     cluster_take: int = 10_000  # M: pool images sampled from each retrieved cluster
     dataset_cap: int = 1_000_000  # most images retrieved through clusters for one dataset
-    kmeans_iters: int = 20  # Lloyd iterations of the retrieval and hierarchical k-means
+    kmeans_iters: int = 20  # Lloyd iterations of the retrieval k-means
     # hierarchical k-means + balanced sampling (Vo et al. 2024: 4 levels, 10M/500k/50k/10k clusters of 743M images)
     hkm_branching: str = "74,20,10,5"  # points per cluster at level 1, then centroids per cluster at each level
     hkm_resample: str = "1,10,5,3"  # r closest points per cluster refit in the resampling steps (<= 1: none)
     hkm_resample_steps: int = 10  # resampling-clustering steps per level
     hkm_target: int = 142_000_000  # images to sample (LVD-142M's size, for comparison)
     hkm_strategy: str = "c"  # inside a leaf cluster: c = closest to the centroid first, r = random
+    hkm_iters: int = 50  # Lloyd iterations per level (ssl-data-curation's configs: 50)
     # faiss (Sec. 3 "Implementation details")
     exact_max: int = 200_000  # pools up to this size use exact IndexFlatIP, larger ones IVF-PQ
     ivf_lists: int = 0  # inverted lists; 0 = the power of two nearest 4 sqrt(N) (4096 at 1M)
@@ -101,11 +116,16 @@ class CurateConfig:
     montage_rows: int = 6  # duplicate groups and retrieval examples drawn in montage.png
 
 
-PRESETS = {  # tiny: Fashion-MNIST-sized pools on a laptop CPU without a trained model. Pixel correlations are
-    # not copy-detection embeddings (half of Fashion-MNIST has a neighbour above 0.9), hence the high thresholds.
-    "tiny": dict(checkpoint="pixels", image_size=28, batch_size=512, num_workers=0, images_per_cluster=1000,
-                 cluster_take=200, dataset_cap=5000, hkm_branching="20,10", hkm_resample="1,4",
-                 hkm_resample_steps=3, hkm_target=5000, dedup_threshold=0.99, relative_threshold=0.97),
+PRESETS = {  # tiny: Fashion-MNIST-sized pools on a laptop CPU without a trained model. Deduplication uses the
+    # copy descriptor of copydetect.py, thresholds chosen with `python bench_curate.py --stage copies [--copies_flags
+    # "--dedup_threshold 0.85"]`: 0.875 merges pairs at precision 0.99 and finds 81% of 1-2 px shifted copies
+    # (0.85: 0.978 and 85%); relative 0.8 removes 94.6% of the planted evaluation copies and 0.45% of the rest
+    # (0.78: 95.6% and 0.66%). Retrieval uses standardised pixels, a stand-in for a trained backbone (pass
+    # --checkpoint runs/tiny/teacher_backbone.pth).
+    "tiny": dict(checkpoint="pixels", copy_checkpoint="copy", image_size=28, batch_size=512, num_workers=0,
+                 images_per_cluster=1000, cluster_take=200, dataset_cap=5000, hkm_branching="20,10",
+                 hkm_resample="1,4", hkm_resample_steps=3, hkm_target=5000, dedup_threshold=0.875,
+                 relative_threshold=0.8),
 }
 COMMANDS = ("embed", "dedup", "retrieve", "run")
 
@@ -158,6 +178,7 @@ def use_gpu(cfg):
 # Sources and embeddings (Sec. 3: "we first compute an image embedding")
 # ---------------------------------------------------------------------------------------------------------------
 Source = namedtuple("Source", "name x ids_path dataset")  # x: [N,D] memmap; dataset: images for the montage
+PAGE = 4096  # bytes: rank slices of one embedding file start on page boundaries (no page shared by two writers)
 
 
 class PixelEmbedder(torch.nn.Module):
@@ -182,47 +203,103 @@ def open_dataset(spec):
     return build_dataset(data, train=split != "test")
 
 
-def embed(spec, cfg, path):
-    """Embed every image of `spec` into `path` ([N,D] .npy of L2-normalised class tokens) + `<stem>.ids.txt`.
-    Under torchrun each rank writes a contiguous slice of rows into the one memory-mapped file."""
-    rank, world = dist_info()
-    dataset = open_dataset(spec)
-    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-    if cfg.checkpoint == "pixels":
-        backbone = PixelEmbedder(cfg.image_size)
-    elif cfg.checkpoint:
-        backbone = load_model(cfg.checkpoint).to(device)
+def build_backbone(checkpoint, cfg, device):
+    """"pixels", "copy" (copydetect.py, learned once and cached in --out) or a model.load_model checkpoint."""
+    if checkpoint == "pixels":
+        return PixelEmbedder(cfg.image_size)
+    if checkpoint == "copy":
+        return load_copy_descriptor(Path(cfg.out) / f"copy_descriptor_{COPY_VERSION}.npz")
+    if checkpoint:
+        return load_model(checkpoint).to(device)
+    sys.exit("embedding images needs --checkpoint (a model.load_model checkpoint, 'pixels' or 'copy')")
+
+
+def cache_key(spec, checkpoint, cfg, n):
+    """What an embedding file depends on: the source (absolute path), the backbone (a file's path, size and
+    modification time; a built-in's name and version), the input size and the number of images."""
+    data, sep, split = spec.partition(":")
+    source = spec if data == "fashion-mnist" else os.path.abspath(data) + sep + split
+    if os.path.isfile(checkpoint):
+        st = os.stat(checkpoint)
+        backbone = f"{os.path.abspath(checkpoint)} {st.st_size} {st.st_mtime_ns}"
     else:
-        sys.exit(f"embedding {spec} needs --checkpoint (a model.load_model checkpoint, or 'pixels')")
-    n = len(dataset)
+        backbone = f"{checkpoint} {COPY_VERSION}" if checkpoint == "copy" else checkpoint
+    return dict(source=source, checkpoint=backbone, image_size=cfg.image_size, count=n)
+
+
+def open_aligned_npy(path, shape, dtype):
+    """A new .npy file of zeros whose data starts at byte PAGE: the header is padded with spaces (allowed by the
+    format) so that row slices computed by row_slice start on page boundaries. -> writable memmap."""
+    header = repr(dict(descr=np.lib.format.dtype_to_descr(np.dtype(dtype)), fortran_order=False,
+                       shape=tuple(shape)))
+    prefix = b"\x93NUMPY\x01\x00"  # magic, format version 1.0, then the header length (uint16) and the header
+    with open(path, "wb") as f:
+        f.write(prefix + (PAGE - 10).to_bytes(2, "little") + header.ljust(PAGE - 11).encode() + b"\n")
+        f.truncate(PAGE + int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    return np.load(path, mmap_mode="r+")
+
+
+def row_slice(n, row_bytes, rank, world):
+    """Contiguous rows [lo, hi) of rank out of world, with lo * row_bytes a multiple of PAGE."""
+    align = PAGE // math.gcd(row_bytes, PAGE)  # rows per whole number of pages
+    lo, hi = (min(n, round(n * r / world / align) * align) for r in (rank, rank + 1))
+    return lo, (n if rank == world - 1 else hi)
+
+
+def embed(spec, dataset, checkpoint, cfg, path):
+    """Embed every image of `dataset` into `path` ([N,D] .npy of L2-normalised embeddings) + `<stem>.ids.txt`.
+    Under torchrun each rank writes a contiguous, page-aligned slice of rows into one memory-mapped file, which
+    must sit on a folder every rank sees (a shared --out across nodes). Written under a temporary name and
+    renamed when complete, so a crashed run leaves nothing that a later run would reuse."""
+    rank, world = dist_info()
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    backbone = build_backbone(checkpoint, cfg, device)
+    n, tmp = len(dataset), Path(path).with_suffix(".tmp.npy")
     if rank == 0:
-        np.lib.format.open_memmap(path, mode="w+", dtype=cfg.emb_dtype, shape=(n, backbone.embed_dim))
-        paths = getattr(dataset, "paths", None)  # ImageFolder ids are file paths; others are "<name>:<row>"
-        with open(Path(path).with_suffix(".ids.txt"), "w") as f:
-            for i in range(n):
-                f.write(f"{paths[i] if paths else f'{source_name(spec)}:{i}'}\n")
+        open_aligned_npy(tmp, (n, backbone.embed_dim), cfg.emb_dtype)
     barrier()
-    emb = np.load(path, mmap_mode="r+")
-    lo, hi = n * rank // world, n * (rank + 1) // world
+    emb = np.load(tmp, mmap_mode="r+")
+    lo, hi = row_slice(n, emb.shape[1] * emb.itemsize, rank, world)
     for start in range(lo, hi, cfg.embed_chunk):
         end = min(start + cfg.embed_chunk, hi)
         feats, _ = extract_features(backbone, Subset(dataset, range(start, end)), cfg.image_size,
                                     cfg.batch_size, device, cfg.num_workers)  # [n,D] float32, L2-normalised
         emb[start:end] = feats.numpy().astype(emb.dtype)
     emb.flush()
+    del emb
     barrier()
+    if rank == 0:
+        paths = getattr(dataset, "paths", None)  # ImageFolder ids are file paths; others are "<name>:<row>"
+        ids = Path(path).with_suffix(".ids.tmp.txt")
+        with open(ids, "w") as f:
+            f.writelines(f"{paths[i] if paths else f'{source_name(spec)}:{i}'}\n" for i in range(n))
+        ids.replace(Path(path).with_suffix(".ids.txt"))
+        tmp.replace(path)
 
 
-def load_source(spec, cfg):
-    """A source spec -> Source; image sources are embedded into <out>/emb_<name>.npy on first use."""
+def load_source(spec, cfg, checkpoint=None):
+    """A source spec -> Source. Image sources are embedded with `checkpoint` (default --checkpoint) into
+    <out>/emb_<name>_<key>.npy on first use; <key> hashes cache_key, also written as a manifest (.json) beside
+    it, so another folder of the same name, another backbone, size or image count never reuses the file."""
     name, dataset = source_name(spec), None
-    path = Path(spec) if spec.endswith(".npy") else Path(cfg.out) / f"emb_{name}.npy"
-    if not spec.endswith(".npy"):
-        missing = not path.exists()
-        barrier()  # every rank has looked before rank 0 creates the file
-        if missing:
-            embed(spec, cfg, str(path))
+    if spec.endswith(".npy"):
+        path = Path(spec)
+    else:
+        checkpoint = cfg.checkpoint if checkpoint is None else checkpoint
         dataset = open_dataset(spec)
+        key = cache_key(spec, checkpoint, cfg, len(dataset))
+        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+        path = Path(cfg.out) / f"emb_{name}_{digest}.npy"
+        manifest = path.with_suffix(".json")
+        fresh = manifest.exists() and path.exists() and json.loads(manifest.read_text()) == key
+        barrier()  # every rank has looked before rank 0 writes anything
+        if not fresh:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            embed(spec, dataset, checkpoint, cfg, str(path))
+            if dist_info()[0] == 0:
+                manifest.write_text(json.dumps(key, indent=1))  # last: the manifest vouches for a whole file
+            barrier()
+        print0(f"{spec}: embeddings {path} ({key['checkpoint']})")
     ids_path = path.with_suffix(".ids.txt")
     return Source(name, np.load(path, mmap_mode="r"), ids_path if ids_path.exists() else None, dataset)
 
@@ -255,20 +332,21 @@ def rows_f32(x, idx):
 Knn = namedtuple("Knn", "index rows exact x inv_norm probes")
 
 
-def kmeans(v, k, cfg, niter=None, plusplus=False):
-    """Spherical k-means (cosine) of rows v [n,D] -> centroids [C,D]; faiss trains on <= 256 points per centroid.
-    Seeds: k random points (faiss), or k-means++ (Arthur & Vassilvitskii 2007: each next seed drawn with
-    probability proportional to its squared distance to the seeds so far; O(n k D): small inputs only)."""
+def kmeans(v, k, cfg, niter=None, plusplus=False, spherical=True):
+    """k-means of rows v [n,D] -> centroids [C,D]; faiss trains on <= 256 points per centroid. Spherical (unit
+    centroids, cosine) for retrieval and the IVF lists; plain L2 for hierarchical k-means. Seeds: k random points
+    (faiss), or k-means++ (Arthur & Vassilvitskii 2007: each next seed drawn with probability proportional to its
+    squared distance to the seeds so far; k passes over the data, O(n k D))."""
     v = np.ascontiguousarray(v, dtype=np.float32)
-    km = faiss.Kmeans(v.shape[1], k, niter=niter or cfg.kmeans_iters, seed=cfg.seed, spherical=True,
+    km = faiss.Kmeans(v.shape[1], k, niter=niter or cfg.kmeans_iters, seed=cfg.seed, spherical=spherical,
                       gpu=use_gpu(cfg), min_points_per_centroid=1, max_points_per_centroid=256)
     seeds = None
     if plusplus:
-        rng, seeds = np.random.default_rng(cfg.seed), [0]
-        d2 = np.maximum(2 - 2 * v @ v[0], 0)  # [n] squared distance (unit rows) to the nearest seed
+        rng, seeds, sq = np.random.default_rng(cfg.seed), [0], (v * v).sum(1)  # sq [n] squared norms
+        d2 = np.maximum(sq - 2 * v @ v[0] + sq[0], 0)  # [n] squared distance to the nearest seed
         for _ in range(k - 1):
             seeds.append(rng.choice(len(v), p=d2 / d2.sum()) if d2.sum() > 0 else rng.integers(len(v)))
-            d2 = np.minimum(d2, np.maximum(2 - 2 * v @ v[seeds[-1]], 0))
+            d2 = np.minimum(d2, np.maximum(sq - 2 * v @ v[seeds[-1]] + sq[seeds[-1]], 0))
     km.train(v, init_centroids=None if seeds is None else v[seeds])
     return km.centroids
 
@@ -295,7 +373,10 @@ def train_index(x, rows, cfg):
     sample = rows_f32(x, np.sort(rng.choice(rows, min(len(rows), nlist * cfg.ivf_train_per_list), replace=False)))
     quantizer = faiss.IndexFlatIP(d)
     quantizer.add(kmeans(sample, nlist, cfg, cfg.ivf_train_iters))  # holding nlist centroids: IVF trains PQ only
-    index = faiss.IndexIVFPQ(quantizer, d, nlist, cfg.pq_m, cfg.pq_bits, faiss.METRIC_INNER_PRODUCT)
+    m = max(m for m in range(1, cfg.pq_m + 1) if d % m == 0)  # PQ needs m | d (784 = 28 x 28: 28, not 32)
+    if m != cfg.pq_m:
+        print0(f"IVF-PQ: {m} sub-quantizers instead of pq_m={cfg.pq_m}, which does not divide the width {d}")
+    index = faiss.IndexIVFPQ(quantizer, d, nlist, m, cfg.pq_bits, faiss.METRIC_INNER_PRODUCT)
     index.pq.cp.min_points_per_centroid = 1  # small pools: codebooks from what there is, no warnings
     index.train(sample[:64 << cfg.pq_bits])  # PQ codebooks on the residuals, 64 points per code
     return index
@@ -436,9 +517,18 @@ def pool_edges(index, pool, threshold, cfg):
     return tuple(np.concatenate([p[f"arr_{i}"] for p in parts]) for i in range(3))
 
 
+def check_widths(pool, sources, role):
+    """Fail before any search when an evaluation or curated set was embedded by another backbone than the pool."""
+    for src in sources:
+        if src.x.shape[1] != pool.x.shape[1]:
+            sys.exit(f"{role} {src.name} has {src.x.shape[1]}-d embeddings but the pool {pool.name} has "
+                     f"{pool.x.shape[1]}-d: embed both with the same backbone")
+
+
 def dedup(pool, evals, cfg, stats):
     """Self- then relative deduplication -> (status int8 [N]: 0 kept, 1 self-, 2 relative-duplicate; self-dedup
     roots [N]; the trained empty index, reused for retrieval); None on ranks > 0 once their search is done."""
+    check_widths(pool, evals, "evaluation set")
     n, rows = len(pool.x), np.arange(len(pool.x))
     template = train_index(pool.x, rows, cfg)
     index = fill_index(template, pool.x, rows, cfg, keep_probes=True)
@@ -468,10 +558,16 @@ def dedup(pool, evals, cfg, stats):
 # ---------------------------------------------------------------------------------------------------------------
 # Retrieval (App. A.4) and hierarchical k-means with balanced sampling (Vo et al. 2024)
 # ---------------------------------------------------------------------------------------------------------------
-def sample_retrieval(knn_index, q, cfg):
-    """The sample_k nearest pool images of every query, de-duplicated across queries -> (pool rows, stats).
-    With PQ, refine x k candidates are re-ranked by exact cosine, so the k kept are (nearly) the true top k."""
-    k, hits = cfg.sample_k, []
+def sample_k_of(name, cfg):
+    """sample_k for the dataset of that source name: its sample_k_sets entry, else sample_k."""
+    per_set = dict(item.rsplit(":", 1) for item in cfg.sample_k_sets.split(",") if item)
+    return int(per_set.get(name, cfg.sample_k))
+
+
+def sample_retrieval(knn_index, q, cfg, k=None):
+    """The k (default sample_k) nearest pool images of every query, de-duplicated across queries -> (pool rows,
+    stats). With PQ, refine x k candidates are re-ranked by exact cosine, so the k kept are (nearly) the true top k."""
+    k, hits = k or cfg.sample_k, []
     for _, I, S in knn(knn_index, q, np.arange(len(q)), k if knn_index.exact else k * cfg.refine, cfg):
         top = np.argsort(-S, axis=1, kind="stable")[:, :k]  # [b,k] by exact cosine
         hits.append(np.take_along_axis(I, top, 1))
@@ -494,25 +590,35 @@ def cluster_retrieval(pool_labels, query_labels, n_clusters, cfg, rng):
                                clusters_retrieved=int(eligible.sum()), retrieved=len(take), capped=bool(capped))
 
 
+def nearest_l2(pts, centroids):
+    """Nearest centroid in L2 of every row of pts -> (cluster ids [n], minus the squared distance [n])."""
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    D, I = index.search(np.ascontiguousarray(pts, dtype=np.float32), 1)  # [n,1]
+    return I[:, 0], -D[:, 0]
+
+
 def hierarchical_kmeans(v, cfg):
     """Vo et al. 2024: level 1 clusters the points, level l > 1 the centroids of level l - 1. Resampling steps
     refit each level's centroids on the r points closest to each of them, which moves the centroids towards a
-    uniform cover of the data. -> (assignment per level, cosine of each point to its level-1 centroid)."""
+    uniform cover of the data. As in their code (facebookresearch/ssl-data-curation): L2 k-means, hkm_iters
+    Lloyd iterations, k-means++ seeds at every level (on the level-1 points that costs k passes over the data:
+    minutes at 100k points and 5k clusters on a CPU). -> (assignment per level, minus the squared distance of each
+    point to its level-1 centroid: larger is closer)."""
     branching = [int(t) for t in cfg.hkm_branching.split(",")]
     resample = [int(t) for t in cfg.hkm_resample.split(",")]
     pts, assigns, leaf_sim = v, [], None
     for level, (per_cluster, r) in enumerate(zip(branching, resample)):
         k = max(1, len(pts) // per_cluster)
-        plusplus = level > 0  # k-means++ seeds like Vo et al., on the (small) centroid levels
-        centroids = kmeans(pts, k, cfg, plusplus=plusplus)
-        labels, sims = assign(pts, np.arange(len(pts)), centroids, cfg)
+        centroids = kmeans(pts, k, cfg, cfg.hkm_iters, plusplus=True, spherical=False)
+        labels, sims = nearest_l2(pts, centroids)
         for _ in range(cfg.hkm_resample_steps if r > 1 else 0):
             order = np.lexsort((-sims, labels))  # by cluster, closest first
             rank = np.arange(len(order)) - np.searchsorted(labels[order], labels[order])  # place in cluster
             if (rank < r).sum() < k:  # empty clusters left too few points to refit k centroids
                 break
-            centroids = kmeans(pts[order[rank < r]], k, cfg, plusplus=plusplus)
-            labels, sims = assign(pts, np.arange(len(pts)), centroids, cfg)
+            centroids = kmeans(pts[order[rank < r]], k, cfg, cfg.hkm_iters, plusplus=True, spherical=False)
+            labels, sims = nearest_l2(pts, centroids)
         assigns.append(labels)
         leaf_sim = sims if level == 0 else leaf_sim
         pts = centroids
@@ -558,6 +664,7 @@ def hierarchical_sampling(assigns, leaf_sim, target, cfg, rng):
 
 def retrieve(pool, status, curated, template, cfg, stats):
     """Retrieval for every curated dataset from the kept pool -> [(pool rows, source, dataset name)]."""
+    check_widths(pool, curated, "curated set")
     kept, rng, out = np.nonzero(status == 0)[0], np.random.default_rng(cfg.seed), []
     if cfg.retrieval == "hierarchical":  # Vo et al.: a balanced sample of the pool itself, no queries
         assigns, leaf_sim = hierarchical_kmeans(rows_f32(pool.x, kept), cfg)
@@ -572,7 +679,7 @@ def retrieve(pool, status, curated, template, cfg, stats):
         if method == "sample":
             if knn_index is None:  # the index trained on the whole pool serves its kept part as well
                 knn_index = fill_index(template or train_index(pool.x, kept, cfg), pool.x, kept, cfg)
-            rows, st = sample_retrieval(knn_index, src.x, cfg)
+            rows, st = sample_retrieval(knn_index, src.x, cfg, sample_k_of(src.name, cfg))
         else:
             if pool_labels is None:  # k-means sized to the pool (100,000 clusters for the paper's)
                 n_clusters = int(np.clip(round(len(kept) / cfg.images_per_cluster), 1, cfg.max_clusters))
@@ -632,9 +739,9 @@ def draw_examples(pool, roots, curated, retrieved, cfg, path, size=64):
     if not rows:
         return False
     canvas = Image.new("RGB", (160 + size * max(len(ims) for _, ims in rows), size * len(rows)), "white")
-    draw = ImageDraw.Draw(canvas)
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=12)  # the size-10 default drops spaces
     for r, (title, ims) in enumerate(rows):
-        draw.text((4, r * size + 4), title, fill="black")
+        draw.text((4, r * size + 4), title, fill="black", font=font)
         for c, im in enumerate(ims):
             canvas.paste(im, (160 + c * size, r * size))
     canvas.save(path)
@@ -651,17 +758,23 @@ def run(cmd, cfg):
     stats = json.loads(stats_path.read_text()) if stats_path.exists() and cmd != "run" else {}
     if not cfg.pool:
         sys.exit("--pool is required")
-    pool = load_source(cfg.pool, cfg)
+    # Two embeddings as in the paper: the copy detector's for deduplication (App. A.3), the retrieval backbone's
+    # for retrieval (App. A.4); one file when both are the same backbone, or for precomputed .npy sources.
+    copy_checkpoint = cfg.copy_checkpoint or cfg.checkpoint
+    pool_copy = load_source(cfg.pool, cfg, copy_checkpoint) if cmd != "retrieve" else None
+    pool = load_source(cfg.pool, cfg) if cmd != "dedup" else pool_copy
     curated = [load_source(s, cfg) for s in cfg.curated.split(",") if s]
-    evals = [load_source(s, cfg) for s in cfg.eval_sets.split(",") if s]
+    evals = [load_source(s, cfg, copy_checkpoint) for s in cfg.eval_sets.split(",") if s]
     if cmd == "embed" or (dist_info()[0] > 0 and cmd == "retrieve"):  # ranks > 0: embedding, pool search
         return
     template, retrieved = None, []
     if cmd in ("dedup", "run"):
-        result = dedup(pool, evals, cfg, stats)
+        result = dedup(pool_copy, evals, cfg, stats)
         if result is None:  # ranks > 0 after their slice of the pool search; the rest runs on rank 0
             return
         status, roots, template = result
+        if copy_checkpoint != cfg.checkpoint and not cfg.pool.endswith(".npy"):
+            template = None  # an index trained on the copy embeddings does not fit the retrieval ones
         np.save(status_path, status)
         np.save(roots_path, roots)  # the kept image of each pool image's duplicate group
         print0(f"dedup: {stats['self_dedup']} {stats.get('relative_dedup', '')}")
