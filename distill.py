@@ -251,6 +251,7 @@ def report(cfg, teacher, students, device, n_probe=256):
 
 def main():
     cfg, args = cli.parse_config(DistillConfig, presets=DISTILL_PRESETS, default_preset="tiny",
+                                 prog="distill.py",
                                  extra_flags=[m for m in MODES if m[0] in ("plan", "gpu_memory_gb")],
                                  description="Distil a frozen DINOv2 teacher into smaller students (Sec. 5). "
                                              "With no --preset the tiny CPU demo preset applies.")

@@ -131,12 +131,12 @@ def plan(cfg, world_size, gpu_gb, prepare=None, build=build_pretraining, log=pri
     -> dict(micro_batch, accumulation, peak_gb, fits, best_micro_batch, tflops_per_image)."""
     micro = cfg.micro_batch_size or cfg.batch_size // world_size
     t0 = time.perf_counter()
-    memory = lambda m: per_gpu_memory(cfg, trace_step(cfg, m, prepare=prepare, build=build), world_size, build)
-    one, two = memory(1), memory(2)  # peak(m) ~ base + slope m
-    slope, base = two - one, 2 * one - two
-    trace = trace_step(cfg, micro, prepare=prepare, build=build)
+    trace = trace_step(cfg, micro, prepare=prepare, build=build)  # the second of two steps (AdamW state exists)
     peak = per_gpu_memory(cfg, trace, world_size, build)
-    budget = 0.9 * gpu_gb * GiB
+    static_bytes = sum(trace[f"_memreftype.{k}"] for k in ("param", "grad", "opt", "buffer"))
+    static = per_gpu_memory(cfg, dict(trace, total=static_bytes), world_size, build)
+    slope, base = (peak - static) / micro, static  # activations and temporaries grow with the micro-batch
+    budget = 0.9 * gpu_gb * 1e9
     candidates = [m for m in range(1, cfg.batch_size // world_size + 1)
                   if (cfg.batch_size // world_size) % m == 0 and base + slope * m <= budget]
     best = max(candidates, default=0)
@@ -144,7 +144,8 @@ def plan(cfg, world_size, gpu_gb, prepare=None, build=build_pretraining, log=pri
                   fits=peak <= budget, best_micro_batch=best,
                   tflops_per_image=trace["flops_per_micro_batch"] / micro / 1e12)
     parts = {k.removeprefix("_memreftype."): v / GiB for k, v in trace.items() if k.startswith("_memreftype")}
-    log(f"plan: {getattr(cfg, 'students', '') or cfg.arch}, {world_size} GPU(s), {'FSDP2' if cfg.fsdp else 'DDP'}, {cfg.precision}, "
+    what = getattr(cfg, "students", "") or cfg.arch
+    log(f"plan: {what}, {world_size} GPU(s), {'FSDP2' if cfg.fsdp else 'DDP'}, {cfg.precision}, "
         f"micro-batch {micro} x accumulation {result['accumulation']} = global batch {cfg.batch_size}")
     log("  one-process trace at the peak (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items() if v))
     log(f"  per-GPU peak {peak / GiB:.2f} GiB -> {'fits' if result['fits'] else 'does NOT fit'} "

@@ -285,7 +285,7 @@ class Progress:
             row.update({prefix + k: float(getattr(v, "full_tensor", lambda: v)()) for k, v in parts.items()})
         self.t_last, self.logged = time.perf_counter(), it + 1
         shown = {k: f"{v:.3f}" for k, v in row.items() if k.endswith("loss")}
-        self.bar.set_postfix(**shown, img_s=f"{row['images_per_s']:.0f}",
+        self.bar.set_postfix(**shown, img_s=f"{row['images_per_s']:.0f}", refresh=False,
                              **({"mfu": f"{row['mfu']:.0%}"} if "mfu" in row else {}))
         self.write(row)
 

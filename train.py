@@ -232,6 +232,7 @@ MODES = [("bench", "measure images/s and peak memory of training steps (tiny, Vi
 def parse_config(argv=None):
     """Config from the command line (cli.py) -> (config, args) with args.bench / .plan / .baselines."""
     return cli.parse_config(Config, argv, presets=PRESETS, default_preset="tiny", extra_flags=MODES,
+                            prog="train.py",
                             description="DINOv2 pretraining. Defaults: the paper's ViT-g/14 run; with no "
                                         "--preset the tiny CPU demo preset applies.")
 
