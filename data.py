@@ -38,7 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+
+from cli import progress
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -314,7 +315,7 @@ def extract_features(backbone, dataset, image_size, batch_size=256, device="cpu"
     loader = DataLoader(MapDataset(dataset, partial(eval_transform, size=image_size)), batch_size=batch_size,
                         shuffle=False, num_workers=num_workers)
     feats, labels = [], []
-    for x, y in tqdm(loader, desc="features", leave=False, disable=len(loader) < 2):
+    for x, y in progress(loader, desc="features", leave=False, disable=len(loader) < 2):
         f = backbone(x.to(device, non_blocking=True))  # [B,D]
         feats.append(F.normalize(f.float(), dim=-1).cpu())
         labels.append(y)

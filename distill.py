@@ -5,24 +5,28 @@ scratch (Tab. 5). The distillation loop is the pretraining loop of train.py with
 teacher is a frozen pretrained model instead of an EMA of the student, there is no masking and no stochastic
 depth, the iBOT loss is applied to every patch token of the two global crops, and a spare EMA of each student
 is kept and is the model that is saved and evaluated. As in DINOv3, several students can be trained in one run:
-they share one teacher forward pass per batch. Everything else (data, multi-crop, schedules, optimiser,
-distributed set-up, checkpoints) is imported from train.py; this file holds only what differs.
+they share one teacher forward pass per batch. The step is train.train_step, the loop train.train_loop; data,
+schedules, optimiser, distributed set-up and checkpoint files come from train.py and runtime.py; this file holds
+only what differs.
 
 Run:
     python train.py                                   # first: the tiny teacher (CPU demo), runs/tiny/checkpoint.pth
     python distill.py                                 # CPU demo: that teacher -> two smaller students, k-NN at the end
-    python distill.py --teacher runs/vitg/checkpoint.pth --preset vit_s --students vit_small,vit_base   # one GPU
-    torchrun --nproc_per_node=8 distill.py --teacher runs/vitg/checkpoint.pth --students vit_small,vit_base,vit_large
+    python distill.py --preset paper --teacher runs/vitg/checkpoint.pth --students vit_small --micro_batch_size M
+    torchrun --nproc_per_node=8 distill.py --preset paper --teacher runs/vitg/checkpoint.pth \
+        --students vit_small,vit_base,vit_large --micro_batch_size M
+    python distill.py --plan --preset paper ...       # per-GPU memory of that step; M from the README's plan
 With no --preset the tiny CPU demo preset is used; --preset paper gives the dataclass defaults (Tab. 17).
+--mask_probability > 0 masks the students as in pretraining (the paper's distillation has none).
 
 Paper -> code
   Sec. 5, "a larger model as a frozen teacher" .................. load_teacher (needs the DINO and iBOT heads)
-  Sec. 5, same losses: DINO (all crop pairs), iBOT, KoLeo ......... train.student_loss via train.backward_micro_batch
+  Sec. 5, same losses: DINO (all crop pairs), iBOT, KoLeo ......... train.train_step (train.student_loss)
   Sec. 5, "remove the masking and stochastic depth" .............. DistillConfig: mask_probability 0, drop_path_rate 0
   Sec. 5, "apply the iBOT loss on the two global crops" .......... unmasked_batch (every patch token, weight 1/N)
-  Sec. 5, "keep a spare EMA of the student ... our final model" .. Student.ema, train.ema_update
+  Sec. 5, "keep a spare EMA of the student ... our final model" .. train.Learner.ema, updated in train.train_step
   App. B, Tab. 17, distilled S/B/L: lr 1e-3 at batch 2048 ........ DistillConfig defaults
-  DINOv3 (Simeoni et al. 2025), several students, one teacher .... distill_step
+  DINOv3 (Simeoni et al. 2025), several students, one teacher .... train.train_step with several learners
 
 Shape legend: B batch (images per micro-batch), N patch tokens per global crop, D width, K prototypes.
 """

@@ -2,16 +2,19 @@
 
 A training run on GPUs fails late and expensively when one step does not fit. `python train.py --plan` traces
 one real optimizer step (train.train_step: teacher targets, student forward/backward, AdamW, EMA) on fake
-tensors (torch FakeTensorMode: shapes and dtypes, no data, seconds on a CPU) and reports, per GPU, the peak
+tensors (torch FakeTensorMode: shapes and dtypes, no data; 2-3 minutes for ViT-S on 2 CPU cores) and reports,
+per GPU, the peak
 memory of parameters, gradients, AdamW state, activations and temporaries (MemTracker), and the FLOPs per
 image (FlopCounterMode). Given a GPU size it picks the largest micro-batch that fits and the gradient
 accumulation that reaches the global batch. The trace runs the product's own step; nothing is modelled twice.
 
 Run:
-    python train.py --plan --preset vit_l                 # per-GPU plan for 8 GPUs? no: for WORLD_SIZE (1)
-    python train.py --plan --preset vit_g --fsdp true --world_size 16 --gpu_memory_gb 80
-    python distill.py --plan --preset paper --teacher ...
-    python train.py --bench                               # measured CPU images/s and memory vs the plan
+    python train.py --plan --preset vit_s --micro_batch_size 128       # one GPU (WORLD_SIZE unset: 1)
+    WORLD_SIZE=8 python train.py --plan --preset vit_l                 # per GPU of an 8-GPU run
+    WORLD_SIZE=96 python train.py --plan --preset vit_g --fsdp --activation_checkpointing --gpu_memory_gb 80
+    WORLD_SIZE=8 python distill.py --plan --preset paper --students vit_small,vit_base,vit_large
+    python train.py --bench                               # measured CPU images/s and memory beside the plan
+The README lists the plans of its GPU commands, with the commands above.
 
 Sec. 5 (efficient implementation) -> code: FSDP sharding of parameters, gradients and AdamW state (divided by
 the world size here), mixed precision (the trace runs under the config's autocast), activation checkpointing.
@@ -69,8 +72,8 @@ def hyperparameters(cfg):
 
 
 def trace_step(cfg, micro_batch, memory=True, prepare=None, build=build_pretraining):
-    """Run train.train_step twice on fake tensors (the second step has AdamW state, as every later one) and
-    measure the second. prepare(cfg, batch) -> batch adapts the batch (distillation: no masks).
+    """Run train.train_step on fake tensors and count its FLOPs; with memory, run it twice and measure the
+    second (AdamW's state exists then, as in every later step). prepare(cfg, batch) -> batch adapts the batch (distillation: no masks).
     -> dict(flops_per_micro_batch, memory bytes by kind at the peak: param, buffer, grad, optstate,
     activation, temp, and peak)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -86,7 +89,8 @@ def trace_step(cfg, micro_batch, memory=True, prepare=None, build=build_pretrain
     with mode:
         fake = {k: (mode.from_tensor(v) if v is not None else None) for k, v in batch.items()}
         centers = T.zero_centers(teacher.dino_head.last_layer.weight_v.shape[0], CPU)
-        T.train_step(learners, teacher, [fake], hyperparameters(cfg), centers, cfg, autocast)
+        if memory:  # a first step creates AdamW's state: the measured second step holds it, as every later one
+            T.train_step(learners, teacher, [fake], hyperparameters(cfg), centers, cfg, autocast)
         tracker, flops = MemTracker(), FlopCounterMode(display=False)
         if memory:  # MemTracker hooks every parameter of a module it sees run; the teacher's run under no_grad
             teacher.requires_grad_(True)
@@ -206,15 +210,28 @@ def _measure_in_child(cfg, micro_batch, steps, queue):
     queue.put(measure(cfg, micro_batch, steps, CPU))
 
 
+def fast_bf16(device):
+    """bf16 matmuls run natively on GPUs and on CPUs with AVX512-BF16 or AMX; elsewhere they are emulated, ~40x
+    slower than fp32 (measured on an AMD EPYC with AVX2), and the benchmark skips them."""
+    if device.type == "cuda":
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def bench(device, steps=5, runs=None):
     """Images/s and peak memory of one training step, measured and planned: the tiny preset (its batch, 28 px)
-    and ViT-S/14 (batch 8, paper crops 2 x 224 + 8 x 98), fp32 and bf16. On CPU each configuration runs in a
+    and ViT-S/14 (batch 8, paper crops 2 x 224 + 8 x 98), fp32 and (where it is native) bf16. On CPU each configuration runs in a
     fresh process, so its peak resident memory above the start is its own. -> list of result dicts."""
     import multiprocessing as mp
     runs = runs or (("tiny", "tiny", T.PRESETS["tiny"]["batch_size"]), ("ViT-S/14", "vit_s", 8))
     results = []
     for name, preset, batch in runs:
-        for precision in ("fp32", "bf16"):
+        for precision in ("fp32", "bf16") if fast_bf16(device) else ("fp32",):
             cfg = T.Config(**{**T.PRESETS[preset], "batch_size": batch, "micro_batch_size": 0,
                               "precision": precision, "total_iters": 100, "warmup_iters": 10})
             if device.type == "cpu":  # what "auto" picks on a CPU (model.resolve_attn_impl): traced alike

@@ -6,32 +6,37 @@ KoLeo spreading the features; the teacher is an EMA of the student (losses.py ha
 
 Run (the same file from a laptop to a cluster):
     python train.py                                   # CPU demo: the named preset "tiny" on Fashion-MNIST, then
-                                                      # the teacher's k-NN accuracy: 80.6% in 6.5-7.3 min on 2
-                                                      # shared CPU cores (same net at init 67.9%, raw pixels 84.6%)
-    python train.py --preset vit_l --data /path/imagenet --micro_batch_size 32        # one GPU
+                                                      # the teacher's k-NN accuracy (README: result and time)
+    python train.py --preset vit_s --data /path/imagenet --micro_batch_size 128       # one GPU
     torchrun --nproc_per_node=8 train.py --preset vit_l --data /path/imagenet          # one node
     torchrun --nnodes=N --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
-        train.py --preset vit_g --fsdp true --data /path/images                        # several nodes
+        train.py --preset vit_g --fsdp --activation_checkpointing --data /path/images  # several nodes
     python train.py ... --resume                      # continue exactly from output_dir/checkpoint.pth
-    python train.py --bench                           # images/s and peak memory of a training step on this machine
+    python train.py --plan --preset vit_l             # per-GPU memory and FLOPs of a step (WORLD_SIZE), no GPU
+    python train.py --bench                           # measured images/s and memory of a step, beside the plan
     python train.py --baselines                       # k-NN of raw pixels and of the network at initialisation
-The dataclass defaults are the paper's (ViT-g/14, App. B); `python train.py` without flags applies the preset
-"tiny" (PRESETS), any --<field> VALUE overrides, and the resolved config is printed and stored in checkpoints.
+The dataclass defaults are the paper's (ViT-g/14, App. B); without --preset the preset "tiny" applies (PRESETS),
+any --<field> VALUE overrides (cli.py), and the run prints the preset and its overrides, then the resolved config
+(also stored in checkpoints). A new run never starts over an existing checkpoint (--resume or --overwrite), and
+--resume refuses a config that would continue a different run (runtime.open_run_dir).
 
 Paper -> code
   Sec. 4 image-level objective (DINO) ............... teacher_targets, student_loss (losses.dino_loss)
-  Sec. 4 patch-level objective (iBOT), masking ...... data.sample_masks, DinoV2.forward (losses.ibot_loss)
+  Sec. 4 patch-level objective (iBOT), masking ...... data.mask_plan, DinoV2.forward (losses.ibot_loss)
   Sec. 4 untied DINO / iBOT heads ................... DinoV2, build_student_teacher
-  Sec. 4 Sinkhorn-Knopp centering (or EMA centering)  teacher_targets; the loop updates the center once per step
-  Sec. 4 KoLeo regularizer (weight 0.1) ............. student_loss (losses.koleo_loss)
+  Sec. 4 Sinkhorn-Knopp centering (or EMA centering)  teacher_targets; train_step updates the center once per step
+  Sec. 4 KoLeo regularizer (weight 0.1) ............. student_loss (losses.koleo_loss, neighbours over all ranks)
   Sec. 4 adapting the resolution (518 px at the end)  crop_size_at, Config.highres_*
-  Sec. 5 FSDP, mixed precision, activation ckpt ..... wrap_student, autocast_for
-  App. B multi-crop augmentation .................... data.MultiCropCollate (torch, no torchvision), make_loader
+  Sec. 4 one optimizer step, written once ........... train_step (train, distill.py, plan.py and the tests)
+  Sec. 5 FSDP, mixed precision, activation ckpt ..... wrap_student, autocast_for; memory plan: plan.py
+  App. B multi-crop augmentation .................... data.MultiCropCollate (torch, no torchvision), Batches
   App. B AdamW, lr/wd/momentum/temperature schedules  build_schedules, param_groups, set_hyperparameters
-  App. B / Tab. 16 hyperparameters and model sizes .. Config, ARCHS, PRESETS
+  App. B / Tab. 16 hyperparameters and model sizes .. Config, PRESETS, model.ARCHS
   DINO v1 weighted k-NN evaluation .................. knn_eval (data.extract_features, data.knn_classify)
 
-Datasets, augmentation, masks and the k-NN scorer live in data.py (shared with distill.py, eval.py, curate.py).
+Datasets, augmentation, masks and the k-NN scorer live in data.py; processes, the run directory, checkpoint files,
+progress and preemption in runtime.py. The data stream is a function of (seed, step, sample), so 1 GPU with
+accumulation, 2 GPUs and 8 GPUs train on the same crops, and --resume may change the number of GPUs.
 Checkpoint (output_dir/checkpoint.pth, torch.load(weights_only=True) works): {"config", "model_args", "step",
 "student"/"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}, "optimizer", "scaler", "centers", "rng", "data"};
 at the end also teacher_backbone.pth (bare backbone, official keys) + teacher_backbone.json ({"model_args": ...}).
@@ -98,19 +103,19 @@ class Config:
     # --- multi-crop and masking (Sec. 4, App. B)
     global_crop_size: int = 224  # px, 2 global crops
     local_crop_size: int = 98  # px (98 = 7 x 14)
-    n_local_crops: int = 8
+    n_local_crops: int = 8  # local crops per image (App. B)
     global_crop_scale: tuple = (0.32, 1.0)  # RandomResizedCrop area fraction
-    local_crop_scale: tuple = (0.05, 0.32)
+    local_crop_scale: tuple = (0.05, 0.32)  # RandomResizedCrop area fraction of the local crops
     blur_sigma: tuple = (0.1, 2.0)  # px, Gaussian blur sigma range (kernel 9)
     mask_ratio: tuple = (0.1, 0.5)  # iBOT masked fraction of patches, spread uniformly across the batch
     mask_probability: float = 0.5  # fraction of global crops that are masked
     # --- losses and teacher targets (Sec. 4)
-    dino_loss_weight: float = 1.0
-    ibot_loss_weight: float = 1.0
+    dino_loss_weight: float = 1.0  # weight of the image-level (DINO) loss
+    ibot_loss_weight: float = 1.0  # weight of the patch-level (iBOT) loss
     koleo_loss_weight: float = 0.1  # per global crop
-    student_temp: float = 0.1
+    student_temp: float = 0.1  # softmax temperature of the student
     teacher_temp: float = 0.07  # after warmup
-    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04  # teacher temperature at iteration 0, linear to teacher_temp
     teacher_temp_warmup_iters: int = 37500  # 30 official epochs of 1250 iterations
     centering: str = "sinkhorn_knopp"  # sinkhorn_knopp (paper, Sec. 4, from SwAV) | ema (DINO centering)
     center_momentum: float = 0.9  # EMA centering only
@@ -122,17 +127,17 @@ class Config:
     base_lr: float = 2e-4  # lr for a batch of 1024; lr = base_lr * sqrt(batch / 1024) = 3.5e-4 at 3072 (Tab. 16)
     min_lr: float = 1e-6  # end of the cosine decay (official config)
     weight_decay: float = 0.04  # cosine 0.04 -> 0.2 (App. B)
-    weight_decay_end: float = 0.2
+    weight_decay_end: float = 0.2  # weight decay at the end of the cosine
     momentum_teacher: float = 0.994  # EMA momentum, cosine to 1 (App. B; the official default config uses 0.992)
-    momentum_teacher_end: float = 1.0
+    momentum_teacher_end: float = 1.0  # teacher EMA momentum at the end of the cosine
     layerwise_decay: float = 0.9  # layer-wise lr decay (official default config; its vitg14 config uses 1.0)
     patch_embed_lr_mult: float = 0.2  # smaller lr for the patch embedding (official config)
     freeze_last_layer_iters: int = 1250  # prototypes frozen for the first (official) epoch
     clip_grad: float = 3.0  # gradient norm clip, applied to backbone and each head separately (official)
-    adamw_betas: tuple = (0.9, 0.999)
+    adamw_betas: tuple = (0.9, 0.999)  # AdamW (beta1, beta2), official config
     # --- adapting the resolution (Sec. 4): the last iterations at a larger global crop, pos-embed interpolated
-    highres_iters: int = 10000
-    highres_global_crop_size: int = 518
+    highres_iters: int = 10000  # last iterations at the high resolution (Sec. 4: a short period at 518 px)
+    highres_global_crop_size: int = 518  # px, global crop size in that phase (37 x 14)
     # --- systems
     precision: str = "bf16"  # bf16 | fp16 (with GradScaler) | fp32 autocast; the paper trained in fp16 (App. B)
     fsdp: bool = False  # FSDP2 fully_shard instead of DDP (models that do not fit, ViT-g)

@@ -568,7 +568,7 @@ def test_plan_traces_the_real_step_and_shards_with_fsdp(tmp_path):
 @pytest.mark.slow
 def test_bench_measures_and_plan_is_within_20_percent(capsys):  # ~10 minutes on 2 cores (ViT-S/14 steps)
     results = plan.bench(CPU, steps=1)
-    assert len(results) == 4 and "ViT-S/14" in capsys.readouterr().out
+    assert len(results) in (2, 4) and "ViT-S/14" in capsys.readouterr().out
     for r in results:
         if r["precision"] == "fp32":  # bf16 on CPU runs the explicit attention: its extra copies are traced too
             assert abs(r["plan_gb"] / r["peak_gb"] - 1) <= 0.2, r
