@@ -11,7 +11,7 @@ that every node sees.
 
 Run (a source is an image folder, "fashion-mnist" / "fashion-mnist:test", or precomputed embeddings <name>.npy
 with an optional <name>.ids.txt; every sub-command takes the CurateConfig fields as --field value):
-    python curate.py run --preset tiny --pool fashion-mnist --curated fashion-mnist:test  # ~1 min on 2 CPU cores
+    python curate.py run --preset tiny --pool fashion-mnist --curated fashion-mnist:test  # ~2 min on 2 CPU cores
     python curate.py embed --pool <folder> --checkpoint teacher_backbone.pth    # -> out/curate/emb_<name>_<key>.npy
     torchrun --nproc_per_node 8 curate.py embed ...  # each rank embeds a contiguous slice of the images
     python curate.py dedup --pool emb.npy --eval_sets a.npy,b.npy               # -> out/curate/pool_status.npy
@@ -341,12 +341,14 @@ def kmeans(v, k, cfg, niter=None, plusplus=False, spherical=True):
     km = faiss.Kmeans(v.shape[1], k, niter=niter or cfg.kmeans_iters, seed=cfg.seed, spherical=spherical,
                       gpu=use_gpu(cfg), min_points_per_centroid=1, max_points_per_centroid=256)
     seeds = None
-    if plusplus:
-        rng, seeds, sq = np.random.default_rng(cfg.seed), [0], (v * v).sum(1)  # sq [n] squared norms
-        d2 = np.maximum(sq - 2 * v @ v[0] + sq[0], 0)  # [n] squared distance to the nearest seed
+    if plusplus:  # in torch: one matrix-vector product per seed, 4x faster than numpy's here
+        pts, gen, seeds = torch.from_numpy(v), torch.Generator().manual_seed(cfg.seed), [0]
+        sq = (pts * pts).sum(1)  # [n] squared norms
+        d2 = (sq - 2 * pts @ pts[0] + sq[0]).clamp(min=0)  # [n] squared distance to the nearest seed
         for _ in range(k - 1):
-            seeds.append(rng.choice(len(v), p=d2 / d2.sum()) if d2.sum() > 0 else rng.integers(len(v)))
-            d2 = np.minimum(d2, np.maximum(sq - 2 * v @ v[seeds[-1]] + sq[seeds[-1]], 0))
+            seeds.append(int(torch.multinomial(d2, 1, generator=gen)) if d2.sum() > 0 else
+                         int(torch.randint(len(v), (1,), generator=gen)))
+            d2 = torch.minimum(d2, (sq - 2 * pts @ pts[seeds[-1]] + sq[seeds[-1]]).clamp(min=0))
     km.train(v, init_centroids=None if seeds is None else v[seeds])
     return km.centroids
 
@@ -764,7 +766,7 @@ def run(cmd, cfg):
     pool_copy = load_source(cfg.pool, cfg, copy_checkpoint) if cmd != "retrieve" else None
     pool = load_source(cfg.pool, cfg) if cmd != "dedup" else pool_copy
     curated = [load_source(s, cfg) for s in cfg.curated.split(",") if s]
-    evals = [load_source(s, cfg, copy_checkpoint) for s in cfg.eval_sets.split(",") if s]
+    evals = [load_source(s, cfg, copy_checkpoint) for s in cfg.eval_sets.split(",") if s and cmd != "retrieve"]
     if cmd == "embed" or (dist_info()[0] > 0 and cmd == "retrieve"):  # ranks > 0: embedding, pool search
         return
     template, retrieved = None, []
