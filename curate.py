@@ -341,7 +341,7 @@ def kmeans(v, k, cfg, niter=None, plusplus=False, spherical=True):
     km = faiss.Kmeans(v.shape[1], k, niter=niter or cfg.kmeans_iters, seed=cfg.seed, spherical=spherical,
                       gpu=use_gpu(cfg), min_points_per_centroid=1, max_points_per_centroid=256)
     seeds = None
-    if plusplus:  # in torch: one matrix-vector product per seed, 4x faster than numpy's here
+    if plusplus:  # in torch: one multithreaded matrix-vector product per seed
         pts, gen, seeds = torch.from_numpy(v), torch.Generator().manual_seed(cfg.seed), [0]
         sq = (pts * pts).sum(1)  # [n] squared norms
         d2 = (sq - 2 * pts @ pts[0] + sq[0]).clamp(min=0)  # [n] squared distance to the nearest seed
