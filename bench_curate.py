@@ -45,7 +45,7 @@ from PIL import Image
 import curate
 from copydetect import crop_resize, jpeg, shift
 from curate import CurateConfig, fill_index, kmeans, knn_edges, self_dedup, train_index
-from data import FASHION_MNIST_DIR, FashionMNIST
+from data import FashionMNIST, build_dataset
 
 
 @dataclass
@@ -191,13 +191,15 @@ def save_png(path, img):
     Image.fromarray(np.uint8(np.clip(img, 0, 1) * 255 + 0.5)).save(path)
 
 
-def plant_copies(folder, n_distinct, per_kind, n_eval, seed=0, root=FASHION_MNIST_DIR):
+def plant_copies(folder, n_distinct, per_kind, n_eval, seed=0, root=None):
     """Writes folder/pool/<row>.png: n_distinct Fashion-MNIST test images, then per_kind edited copies per
     COPY_EDITS kind, then one edited copy (a random kind) of each of n_eval other test images, which go to
     folder/eval/. -> dict of [N] arrays over the pool rows: group (the image a row is a copy of; eval images
-    count from n_distinct), kind (-1: distinct image, else the index into COPY_EDITS; for eval copies too)."""
+    count from n_distinct), kind (-1: distinct image, else the index into COPY_EDITS; for eval copies too).
+    root: a folder of Fashion-MNIST's IDX files (default: data.py's copy, downloaded if needed)."""
     rng = np.random.default_rng(seed)
-    test = FashionMNIST(root, train=False).images.astype(np.float32) / 255  # [10000,28,28]
+    test = FashionMNIST(root, train=False) if root else build_dataset("fashion-mnist", train=False)
+    test = test.images.astype(np.float32) / 255  # [10000,28,28]
     assert n_distinct + n_eval <= len(test), "the test split has 10,000 images"
     pool, evals = Path(folder) / "pool", Path(folder) / "eval"
     pool.mkdir(parents=True), evals.mkdir(parents=True)

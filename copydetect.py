@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data import FASHION_MNIST_DIR, IMAGENET_MEAN, IMAGENET_STD, FashionMNIST
+from data import IMAGENET_MEAN, IMAGENET_STD, FashionMNIST, build_dataset
 
 SIZE = 28  # the descriptor's input side, px (Fashion-MNIST)
 VERSION = "lw2"  # changes whenever features or learning change: part of the embedding cache key
@@ -174,10 +174,12 @@ def learn_projection(f, f_edit, dim, ridge=1e-2):
     return mean.numpy(), projection.numpy()
 
 
-def learn_copy_descriptor(n_images=20_000, dim=400, seed=0, root=FASHION_MNIST_DIR):
-    """Fashion-MNIST training images (the last n_images) and a random edit of each -> (mean, projection)."""
+def learn_copy_descriptor(n_images=20_000, dim=400, seed=0, root=None):
+    """Fashion-MNIST training images (the last n_images; root: a folder of its IDX files, default: data.py's copy,
+    downloaded if needed) and a random edit of each -> (mean, projection)."""
     rng = np.random.default_rng(seed)
-    images = FashionMNIST(root, train=True).images[-n_images:].astype(np.float32) / 255  # [N,H,W]
+    train = FashionMNIST(root, train=True) if root else build_dataset("fashion-mnist", train=True)
+    images = train.images[-n_images:].astype(np.float32) / 255  # [N,H,W]
     edits = np.stack([random_edit(im, rng) for im in images]).astype(np.float32)
     return learn_projection(features(torch.from_numpy(images)[:, None]), features(torch.from_numpy(edits)[:, None]),
                             dim)
