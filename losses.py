@@ -29,6 +29,8 @@ Deviations from the official code (github.com/facebookresearch/dinov2, dinov2/lo
     finite for |t| up to 1e4 and equals the official result wherever that one is finite (to float32 rounding).
   - sinkhorn_knopp and update_center all-reduce the sample count instead of assuming every rank holds the
     same number of samples (the official DINO loss multiplies by world_size); identical when counts are equal.
+  - koleo_loss(all_ranks=True), as train.py calls it, searches each vector's nearest neighbour among the vectors
+    of every rank (all-gathered with gradients, as DINOv3 does); the official DINOv2 code searches its own rank.
   - koleo_loss returns 0 for a batch of fewer than two vectors (the official one returns -log(~1e-8) there), and
     fills the self-similarity with -2, not -1, so an antipodal pair cannot pick the row itself as neighbour.
 Shape legend: B batch (samples), S student crops, T teacher (global) crops, M masked patches, K prototypes, D width.

@@ -3,9 +3,8 @@
 A training run on GPUs fails late and expensively when one step does not fit. `python train.py --plan` traces
 one real optimizer step (train.train_step: teacher targets, student forward/backward, AdamW, EMA) on fake
 tensors (torch FakeTensorMode: shapes and dtypes, no data; 2-3 minutes for ViT-S on 2 CPU cores) and reports,
-per GPU, the peak
-memory of parameters, gradients, AdamW state, activations and temporaries (MemTracker), and the FLOPs per
-image (FlopCounterMode). Given a GPU size it picks the largest micro-batch that fits and the gradient
+per GPU, the peak memory of parameters, gradients, AdamW state, activations and temporaries (MemTracker), and
+the FLOPs per image (FlopCounterMode). Given a GPU size it picks the largest micro-batch that fits and the gradient
 accumulation that reaches the global batch. The trace runs the product's own step; nothing is modelled twice.
 
 Run:
@@ -28,6 +27,7 @@ import torch
 
 import train as T
 from data import MultiCropCollate
+from runtime import reset_peak_memory
 
 CPU = torch.device("cpu")
 
@@ -198,7 +198,7 @@ def measure(cfg, micro_batch, steps, device):
         run_steps(cfg, 2, 2, device)
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    T.reset_peak_memory(device)
+    reset_peak_memory(device)
     before = rss_bytes("VmRSS") if device.type == "cpu" else torch.cuda.memory_allocated(device)
     wall, cpu = run_steps(cfg, micro_batch, steps + 1, device)  # the first step warms up (AdamW state)
     peak = rss_bytes("VmHWM") if device.type == "cpu" else torch.cuda.max_memory_allocated(device)

@@ -71,8 +71,19 @@ def open_run_dir(cfg, run):
     --allow_changes) a resume whose config changes what the run computes; prints every difference. Every rank
     checks (same files, same answer); rank 0 holds the lock file."""
     os.makedirs(cfg.output_dir, exist_ok=True)
+    refused = None
     if run.rank == 0:
-        take_lock(os.path.join(cfg.output_dir, "run.lock"))
+        try:
+            take_lock(os.path.join(cfg.output_dir, "run.lock"))
+        except RunError as e:
+            refused = e
+    if is_dist():  # every rank stops if rank 0 could not take the lock (else they would wait in collectives)
+        flag = torch.tensor(float(refused is not None), device=run.device)
+        dist.all_reduce(flag)
+        if flag.item() and refused is None:
+            raise RunError(f"rank 0 could not take the lock of {cfg.output_dir}")
+    if refused:
+        raise refused
     path = os.path.join(cfg.output_dir, "checkpoint.pth")
     exists = os.path.exists(path)
     if cfg.resume and not exists:

@@ -208,7 +208,8 @@ PRESETS = {
     # GPU (32 / 12); the global batch 3072 is reached by accumulation on fewer GPUs (python train.py --plan).
     "vit_l": dict(arch="vit_large", ffn_layer="swiglufused", layerwise_decay=1.0, micro_batch_size=32),
     "vit_g": dict(layerwise_decay=1.0, micro_batch_size=12),
-    # CPU demo on Fashion-MNIST, 2 cores, ~10 minutes (README). Chosen by measurement on this 2-core machine:
+    # CPU demo on Fashion-MNIST, 2 cores (result and time: README). Chosen by measurement (earlier sessions, bf16 on
+    # a CPU with native bf16, the per-rank data stream of before December):
     # 7-px patches (16 tokens) train ~2.4x faster than 4-px ones and reached 72% vs 66% k-NN after 200 steps;
     # width 192 beat 128, depth 6 did not beat 4; batch 64 x 800 steps beat 128 x 400 (78.3% vs 76.3%); teacher
     # momentum 0.98 beat 0.994/0.99 in runs this short; no LayerScale: with 1e-5 a fresh tiny net's [CLS] token
