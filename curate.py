@@ -53,8 +53,9 @@ import torch.distributed as dist
 from faiss.contrib import ivf_tools
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Subset
-from tqdm import tqdm
 
+import cli
+from cli import at_least, in_range, one_of, progress
 from copydetect import VERSION as COPY_VERSION
 from copydetect import load_copy_descriptor
 from data import build_dataset, extract_features
@@ -115,6 +116,24 @@ class CurateConfig:
     seed: int = 0
     montage_rows: int = 6  # duplicate groups and retrieval examples drawn in montage.png
 
+    def __post_init__(self):
+        self.check()
+
+    def check(self):
+        """Allowed values, one line each (cli.py turns a refusal into a one-line error)."""
+        one_of("retrieval", self.retrieval, ("auto", "sample", "cluster", "hierarchical"))
+        one_of("emb_dtype", self.emb_dtype, ("float16", "float32"))
+        one_of("hkm_strategy", self.hkm_strategy, ("c", "r"))
+        for name in ("image_size", "batch_size", "embed_chunk", "dedup_k", "sample_min_size", "sample_k",
+                     "images_per_cluster", "max_clusters", "cluster_take", "dataset_cap", "kmeans_iters",
+                     "hkm_resample_steps", "hkm_target", "hkm_iters", "ivf_train_per_list",
+                     "ivf_train_iters", "pq_m", "pq_bits", "nprobe", "refine", "query_batch"):
+            at_least(name, getattr(self, name), 1)
+        for name in ("num_workers", "cluster_min_count", "ivf_lists", "montage_rows", "exact_max"):
+            at_least(name, getattr(self, name), 0)
+        for name in ("dedup_threshold", "relative_threshold"):
+            in_range(name, getattr(self, name), -1.0, 1.0)
+
 
 PRESETS = {  # tiny: Fashion-MNIST-sized pools on a laptop CPU without a trained model. Deduplication uses the
     # copy descriptor of copydetect.py, thresholds chosen with `python bench_curate.py --stage copies [--copies_flags
@@ -131,20 +150,12 @@ COMMANDS = ("embed", "dedup", "retrieve", "run")
 
 
 def parse_config(argv):
-    """`<command> [--preset name] [--field value ...]` -> (command, CurateConfig); unknown fields are an error."""
-    if not argv or argv[0] not in COMMANDS or len(argv) % 2 == 0:
-        sys.exit(f"usage: python curate.py {{{'|'.join(COMMANDS)}}} [--preset tiny] [--field value ...]")
-    fields, values = {f.name: f for f in dataclasses.fields(CurateConfig)}, {}
-    for key, value in zip(argv[1::2], argv[2::2]):
-        key = key.removeprefix("--")
-        if key == "preset" and value in PRESETS:
-            values = {**PRESETS[value], **values}  # explicit fields win, wherever they stand
-        elif key not in fields:
-            sys.exit(f"unknown --{key} {value}; presets: {', '.join(PRESETS)}; fields: {', '.join(fields)}")
-        else:
-            kind = type(fields[key].default)
-            values[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-    return argv[0], CurateConfig(**values)
+    """`<command> [--preset name] [--field value ...]` -> (command, CurateConfig), with cli.py's convention:
+    --help lists every field; an unknown field or a bad value is a one-line error with exit status 2."""
+    cfg, args = cli.parse_config(CurateConfig, argv, presets=PRESETS, prog="curate.py",
+                                 positionals=[("command", "what to run", dict(choices=COMMANDS))],
+                                 description=__doc__.split("\n\n")[0])
+    return args.command, cfg
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -359,7 +370,7 @@ def assign(x, rows, centroids, cfg):
     index = faiss.index_cpu_to_all_gpus(index) if use_gpu(cfg) else index
     index.add(centroids)
     labels, sims, b = np.empty(len(rows), np.int64), np.empty(len(rows), np.float32), cfg.query_batch
-    for s in tqdm(range(0, len(rows), b), desc="assign", leave=False, disable=len(rows) <= b):
+    for s in progress(range(0, len(rows), b), desc="assign", leave=False, disable=len(rows) <= b):
         D, I = index.search(rows_f32(x, rows[s:s + b]), 1)  # [b,1]
         labels[s:s + b], sims[s:s + b] = I[:, 0], D[:, 0]
     return labels, sims
@@ -403,7 +414,7 @@ def fill_index(template, x, rows, cfg, keep_probes=False):
         if ivf:
             faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", cfg.nprobe)
     b = cfg.query_batch
-    for s in tqdm(range(0, len(rows), b), desc="index add", leave=False, disable=len(rows) <= b):
+    for s in progress(range(0, len(rows), b), desc="index add", leave=False, disable=len(rows) <= b):
         v = np.asarray(x[rows[s:s + b]], dtype=np.float32)  # [b,D]
         inv_norm[rows[s:s + b]] = 1 / np.maximum(np.linalg.norm(v, axis=1), 1e-12)
         v *= inv_norm[rows[s:s + b], None]
@@ -439,7 +450,7 @@ def knn(knn_index, q, qrows, k, cfg, probes=None):
     """Yield (query rows, neighbour rows of x [b,k], exact cosine [b,k]) per batch of queries q[qrows].
     probes: the queries' (coarse cosines, lists) [Q,nprobe] when known (fill_index keep_probes)."""
     b = cfg.query_batch
-    for s in tqdm(range(0, len(qrows), b), desc=f"search k={k}", leave=False, disable=len(qrows) <= b):
+    for s in progress(range(0, len(qrows), b), desc=f"search k={k}", leave=False, disable=len(qrows) <= b):
         qb = rows_f32(q, qrows[s:s + b])  # [b,D]
         if probes is None:
             D, I = knn_index.index.search(qb, k)  # [b,k] positions in knn_index.rows

@@ -430,3 +430,14 @@ def test_eval_set_of_another_width_fails_before_the_pool_search(monkeypatch):
 def test_sample_k_per_curated_set():
     cfg = CurateConfig(sample_k_sets="imagenet-1k:32,landmarks:8")
     assert [curate.sample_k_of(name, cfg) for name in ("imagenet-1k", "landmarks", "other")] == [32, 8, 4]
+
+
+def test_cli_convention_help_and_one_line_errors():
+    """curate.py follows cli.py: --help exits 0 and lists the fields; a bad value is one line, exit status 2."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    helped = subprocess.run([sys.executable, "curate.py", "--help"], cwd=root, capture_output=True, text=True)
+    assert helped.returncode == 0 and "--dedup_k" in helped.stdout and "nearest neighbours" in helped.stdout
+    bad = subprocess.run([sys.executable, "curate.py", "dedup", "--dedup_k", "abc"], cwd=root, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("curate.py: error:")
+    assert "--dedup_k" in bad.stderr and "Traceback" not in bad.stderr
