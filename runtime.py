@@ -5,8 +5,7 @@ both, so neither grows past a readable size and the loop reads as the method:
   - processes: torchrun (RANK in the environment) or one plain process, print0 on rank 0 ... setup_distributed
   - the run directory: never start over an existing run by accident, one writer at a time (a lock file; a
     dead writer's lock is taken over), --resume only a run that can continue as it was .... open_run_dir
-  - checkpoints: unsharded state dicts (FSDP2 gathers), written atomically, exact RNG state  learner_state,
-    .......................................................................................... atomic_save
+  - checkpoints: unsharded state dicts (FSDP2 gathers), atomic writes, RNG state ..... learner_state, atomic_save
   - progress bar and metrics.jsonl with images/s, memory and model FLOP utilisation ........ Progress
   - SIGTERM / SIGUSR1 from a cluster scheduler: checkpoint at the end of the step, exit ..... StopSignal
 Nothing runs on import; nothing here knows the model.
@@ -52,6 +51,7 @@ def print0(*args, **kwargs):
     if get_rank() == 0:
         print(*args, **kwargs, flush=True)
 
+
 # ---------------------------------------------------------------------------------------------------------------
 # The run directory: nothing overwritten by accident, one writer at a time, resume only what can continue
 # ---------------------------------------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ class RunError(Exception):
 # Fields that may differ on --resume without changing what the run computes (systems and bookkeeping).
 RESUMABLE_CHANGES = {"data", "output_dir", "micro_batch_size", "fsdp", "activation_checkpointing", "compile",
                      "num_workers", "log_every", "eval_every", "knn_train_size", "checkpoint_every", "resume",
-                     "overwrite", "allow_changes", "stop_after", "teacher", "attn_impl"}
+                     "overwrite", "allow_changes", "stop_after", "attn_impl"}
 
 
 def open_run_dir(cfg, run):
@@ -127,8 +127,8 @@ def take_lock(path):
             with open(path) as f:
                 owner = f.read().split()
             pid, host = (int(owner[0]), owner[1]) if len(owner) == 2 else (0, "")
-            if host == socket.gethostname() and (pid == os.getpid() or not _alive(pid)):
-                os.remove(path)  # ours from an earlier run in this process, or stale: its process is gone
+            if not owner or host == socket.gethostname() and (pid == os.getpid() or not _alive(pid)):
+                os.remove(path)  # empty (killed while writing it), ours from an earlier run, or its process is gone
                 continue
             raise RunError(f"{os.path.dirname(path)} is in use by process {pid} on {host or '?'} ({path}); "
                            f"wait for it, or delete the lock file if that process is gone")
@@ -158,6 +158,7 @@ def _alive(pid):
     except PermissionError:
         return True
     return pid > 0
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints: unsharded, atomic, loadable with weights_only=True
@@ -236,6 +237,7 @@ def save_backbone(path, state_dict, model_args):
     with open(os.path.splitext(path)[0] + ".json", "w") as f:
         json.dump(dict(model_args=model_args), f, indent=1)
 
+
 # ---------------------------------------------------------------------------------------------------------------
 # Progress, metrics and model FLOP utilisation; preemption
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,6 +311,7 @@ class Progress:
         self.bar.close()
         if self.file:
             self.file.close()
+
 
 class StopSignal:
     """SIGTERM / SIGUSR1 (cluster preemption) -> finish the step, write a checkpoint, exit."""

@@ -533,6 +533,10 @@ def test_lock_refuses_a_live_writer_and_takes_over_a_dead_ones_lock(tmp_path):
     assert lock.read_text().split()[0] == str(os.getpid())
     runtime.release_lock(str(lock))
     assert not lock.exists()
+    lock.write_text("")  # killed between creating the lock and writing it
+    runtime.take_lock(str(lock))
+    assert lock.read_text().split()[0] == str(os.getpid())
+    runtime.release_lock(str(lock))
 
 
 @pytest.mark.slow
