@@ -164,9 +164,8 @@ class Config:
         one_of("attn_impl", self.attn_impl, ATTN_IMPLS)
         one_of("centering", self.centering, CENTERINGS)
         one_of("precision", self.precision, PRECISIONS)
-        for name in ("patch_size", "head_hidden_dim", "head_bottleneck_dim",
-                     "ibot_head_bottleneck_dim", "head_nlayers", "batch_size", "total_iters", "log_every",
-                     "checkpoint_every"):
+        for name in ("patch_size", "head_hidden_dim", "head_bottleneck_dim", "ibot_head_bottleneck_dim",
+                     "head_nlayers", "batch_size", "total_iters", "log_every", "checkpoint_every"):
             at_least(name, getattr(self, name), 1)
         for name in ("num_register_tokens", "n_local_crops", "micro_batch_size", "teacher_temp_warmup_iters",
                      "freeze_last_layer_iters", "num_workers", "eval_every", "knn_train_size", "layerscale",
@@ -193,6 +192,7 @@ class Config:
         in_range("stop_after", self.stop_after, 0, self.total_iters)
 
     def check_model(self):
+        """The architecture and the prototypes (distill.DistillConfig reads them from the teacher instead)."""
         one_of("arch", self.arch, list(ARCHS))
         at_least("n_prototypes", self.n_prototypes, 1)
 
@@ -218,10 +218,8 @@ PRESETS = {
     # fp32: on CPUs without AVX512-BF16 / AMX, bf16 matmuls are emulated (measured on an AMD EPYC with AVX2:
     # a [1024,192] x [192,512] matmul 146 ms in bf16 vs 3.6 ms in fp32).
     "tiny": dict(data="fashion-mnist", output_dir="runs/tiny", arch="vit_tiny", patch_size=7, layerscale=0.0,
-                 precision="fp32",
-                 drop_path_rate=0.0, n_prototypes=1024, head_hidden_dim=512, head_bottleneck_dim=128,
-                 ibot_head_bottleneck_dim=128,
-                 global_crop_size=28, local_crop_size=14, n_local_crops=4, batch_size=64, total_iters=1800,
+                 precision="fp32", drop_path_rate=0.0, n_prototypes=1024, head_hidden_dim=512,
+                 head_bottleneck_dim=128, ibot_head_bottleneck_dim=128, global_crop_size=28, local_crop_size=14, n_local_crops=4, batch_size=64, total_iters=1800,
                  warmup_iters=180, base_lr=2e-3, momentum_teacher=0.98, teacher_temp_warmup_iters=540,
                  freeze_last_layer_iters=50, layerwise_decay=1.0, highres_iters=0, num_workers=1,
                  checkpoint_every=600, log_every=20),
