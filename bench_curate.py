@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+import cli
 import curate
 from copydetect import crop_resize, jpeg, shift
 from curate import CurateConfig, fill_index, kmeans, knn_edges, self_dedup, train_index
@@ -50,7 +51,7 @@ from data import FashionMNIST, build_dataset
 
 @dataclass
 class BenchConfig:
-    stage: str = "all"  # all | ivfpq | exact | kmeans
+    stage: str = "all"  # all | ivfpq | exact | kmeans | copies (copies is not part of all)
     n: int = 1_000_000  # embeddings deduplicated with IVF-PQ
     exact_n: int = 100_000  # embeddings deduplicated exactly (1M all-vs-all is ~40-50 min on 2 cores)
     dim: int = 256  # embedding width
@@ -65,16 +66,15 @@ class BenchConfig:
     copies_flags: str = ""  # extra curate.py flags for the copies stage, e.g. "--dedup_threshold 0.8"
     seed: int = 0
 
+    def __post_init__(self):
+        cli.one_of("stage", self.stage, ("all", "ivfpq", "exact", "kmeans", "copies"))
+        for name in ("n", "exact_n", "dim", "per_center", "kmeans_n", "kmeans_k", "copies_n"):
+            cli.at_least(name, getattr(self, name), 1)
+
 
 def parse_config(argv):
-    values = {}
-    fields = {f.name: f for f in dataclasses.fields(BenchConfig)}
-    for key, value in zip(argv[::2], argv[1::2]):
-        key = key.removeprefix("--")
-        if key not in fields:
-            sys.exit(f"unknown field --{key}; fields: {', '.join(fields)}")
-        values[key] = type(fields[key].default)(value)
-    return BenchConfig(**values)
+    """Flags by cli.py's convention (--help lists them; a bad value is a one-line error, exit status 2)."""
+    return cli.parse_config(BenchConfig, argv, prog="bench_curate.py", description=__doc__.split("\n\n")[0])[0]
 
 
 def unit(v):

@@ -22,6 +22,7 @@ Datasets: Fashion-MNIST from its IDX files (Debian package dataset-fashion-mnist
 
 Shape legend: B batch, N patches per crop, C classes, G / L global / local crop size in pixels.
 """
+import argparse
 import gzip
 import hashlib
 import http.client
@@ -628,6 +629,7 @@ def labelled_splits(data):
 # ---------------------------------------------------------------------------------------------------------------
 def main():
     """Print the shapes, value ranges and mask ratios of one tiny-preset training batch of Fashion-MNIST."""
+    argparse.ArgumentParser(description=main.__doc__).parse_args()  # no flags; --help says what it does
     dataset = build_dataset("fashion-mnist")
     collate = MultiCropCollate(global_size=28, local_size=14, n_local=4, patch_size=7)
     batch = collate([(*dataset[i], (0, i)) for i in range(16)])  # step 0, positions 0..15

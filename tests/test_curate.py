@@ -441,3 +441,5 @@ def test_cli_convention_help_and_one_line_errors():
                          text=True)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("curate.py: error:")
     assert "--dedup_k" in bad.stderr and "Traceback" not in bad.stderr
+    bench = subprocess.run([sys.executable, "bench_curate.py", "--help"], cwd=root, capture_output=True, text=True)
+    assert bench.returncode == 0 and "--copies_flags" in bench.stdout  # help, not a 1M-embedding benchmark
