@@ -215,13 +215,14 @@ def test_help_exits_0_and_lists_every_flag(capsys):
     assert all(f"--{name}" in out for name in names)
 
 
-@pytest.mark.parametrize("script", ["eval.py", "model.py"])
-def test_scripts_help_exits_0_with_defaults_and_types(script):
+@pytest.mark.parametrize("script, flag", [("eval.py", "--knn_ks"), ("model.py", "--repeats"),
+                                          ("train.py", "--batch_size"), ("distill.py", "--students")])
+def test_scripts_help_exits_0_with_defaults_and_types(script, flag):
     res = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     text = " ".join(res.stdout.split())
     assert res.returncode == 0, res.stderr
-    assert "(default " in text and "; int)" in text and ("--repeats" in text or "--knn_ks" in text)
+    assert "(default " in text and "; int)" in text and flag in text
 
 
 def test_scripts_bad_value_exits_2_without_traceback():
