@@ -49,7 +49,7 @@ from model import ARCHS, DINOHead, DinoVisionTransformer, backbone_state_dict, i
 from runtime import (Progress, RunError, atomic_save, full_state_dicts, get_rank, learner_state, load_learner_state,
                      open_run_dir, print0, rng_states, save_backbone, set_rng_states, setup_distributed)
 from train import (MODES, PRESETS, Batches, Config, DinoV2, autocast_for, build_learner, build_student_teacher,
-                   derived_values, knn_eval, start_run, step_flops, train_loop, zero_centers)
+                   derived_values, knn_eval, start_run, train_loop, zero_centers)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -115,7 +115,7 @@ def load_teacher(path):
     heads = {h: {k.removeprefix(h + "."): v for k, v in sd.items() if k.startswith(h + ".")}
              for h in ("dino_head", "ibot_head")}
     if not heads["dino_head"]:
-        raise ValueError(
+        raise RunError(
             f"{path} holds no DINO head (no 'teacher' entry with 'dino_head.*' keys). Distillation trains the "
             f"students to match the teacher's distributions over its prototypes (Sec. 5), which come from the DINO "
             f"and iBOT heads. Released backbones (dinov2_vit*14_pretrain.pth) and teacher_backbone.pth ship without "
@@ -144,7 +144,8 @@ def build_student(cfg, name, n_prototypes, device):
     as a copy. -> (learner, model_args)."""
     if name not in ARCHS:
         raise ValueError(f"unknown student {name!r}; choose from {sorted(ARCHS)}")
-    model, ema, model_args = build_student_teacher(student_config(cfg, name, n_prototypes))  # the "teacher" of train.py is exactly an EMA copy
+    # the "teacher" that train.py builds beside a student is exactly the spare EMA copy distillation needs
+    model, ema, model_args = build_student_teacher(student_config(cfg, name, n_prototypes))
     return build_learner(name, model, ema, cfg, device), model_args
 
 
@@ -197,7 +198,7 @@ def distill(cfg, dataset=None):
     run = start_run(cfg)
     teacher, teacher_args = load_teacher(cfg.teacher)
     if teacher_args["patch_size"] != cfg.patch_size:  # the iBOT loss compares patch tokens position by position
-        raise ValueError(f"teacher patch size {teacher_args['patch_size']} != --patch_size {cfg.patch_size}")
+        raise RunError(f"--patch_size: {cfg.patch_size} differs from the teacher's {teacher_args['patch_size']}")
     teacher = teacher.to(run.device)
     K = teacher.dino_head.last_layer.weight_v.shape[0]
     torch.manual_seed(cfg.seed)  # same initial students on every rank
@@ -210,7 +211,7 @@ def distill(cfg, dataset=None):
         print0(f"resumed from {ckpt_path} at iteration {start}")
     dataset = dataset if dataset is not None else build_dataset(cfg.data, train=True)
     batches = Batches(dataset, cfg, run, prepare=lambda b: prepare_batch(cfg, b))
-    log = Progress(cfg, run, start, "distill", flops_per_step=step_flops(cfg, run))
+    log = Progress(cfg, run, start, "distill")  # (no MFU: plan.trace_step would need distillation's networks)
     save = lambda step, c: save_distill_checkpoint(ckpt_path, cfg, step, students, model_args, c)
     train_loop(cfg, run, students, teacher, centers, batches, start, save, log)
     if run.stop_at == cfg.total_iters:

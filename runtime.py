@@ -55,7 +55,7 @@ def print0(*args, **kwargs):
 # ---------------------------------------------------------------------------------------------------------------
 # The run directory: nothing overwritten by accident, one writer at a time, resume only what can continue
 # ---------------------------------------------------------------------------------------------------------------
-class RunError(Exception):
+class RunError(ValueError):
     """A run that must not start (main prints it as one line and exits with status 2)."""
 
 
