@@ -211,7 +211,7 @@ def distill(cfg, dataset=None):
         print0(f"resumed from {ckpt_path} at iteration {start}")
     dataset = dataset if dataset is not None else build_dataset(cfg.data, train=True)
     batches = Batches(dataset, cfg, run, prepare=lambda b: prepare_batch(cfg, b))
-    log = Progress(cfg, run, start, "distill")  # (no MFU: plan.trace_step would need distillation's networks)
+    log = Progress(cfg, run, start, "distill")
     save = lambda step, c: save_distill_checkpoint(ckpt_path, cfg, step, students, model_args, c)
     train_loop(cfg, run, students, teacher, centers, batches, start, save, log)
     if run.stop_at == cfg.total_iters:

@@ -60,8 +60,8 @@ def fake_learners(cfg, mode, build):
         nets, teacher = build(cfg)
     with mode:
         cfg = dataclasses.replace(cfg, compile=False)
-        learners = [T.build_learner(name, model.to_empty(device=CPU), ema.to_empty(device=CPU), cfg, CPU)
-                    for name, model, ema in nets]
+        learners = [T.build_learner(name, model.to_empty(device=CPU), ema.to_empty(device=CPU), cfg, CPU,
+                                    distributed=False) for name, model, ema in nets]
         teacher = teacher if any(teacher is ema for _, _, ema in nets) else teacher.to_empty(device=CPU)
         return learners, teacher
 

@@ -11,6 +11,7 @@ both, so neither grows past a readable size and the loop reads as the method:
 Nothing runs on import; nothing here knows the model.
 """
 import atexit
+import contextlib
 import json
 import os
 import random
@@ -275,14 +276,26 @@ def peak_flops(device):
 class Progress:
     """Rank 0's progress bar and metrics.jsonl: one row every cfg.log_every steps with the loss terms, schedule
     values, images/s, peak memory and, on a known GPU, model FLOP utilisation (MFU, as nanoGPT's estimate_mfu:
-    FLOPs of a step from plan.py's trace / step time / the device's peak)."""
+    FLOPs of a step, counted on the first one / step time / the device's dense bf16 peak)."""
 
-    def __init__(self, cfg, run, start, desc, flops_per_step=None):
-        self.cfg, self.run, self.flops_per_step = cfg, run, flops_per_step
+    def __init__(self, cfg, run, start, desc):
+        self.cfg, self.run, self.flops_per_step = cfg, run, None
         self.peak = peak_flops(run.device)
         self.file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if run.rank == 0 else None
         self.bar = progress(total=run.stop_at, initial=start, disable=run.rank != 0, desc=desc, dynamic_ncols=True)
         self.t_last, self.logged = time.perf_counter(), start
+
+    @contextlib.contextmanager
+    def counting_flops(self):
+        """Around the first step on a GPU whose peak is known: count its FLOPs (FlopCounterMode sees the real
+        step, collectives included, on every rank) for MFU; a no-op afterwards and on CPUs."""
+        if self.peak is None or self.flops_per_step is not None:
+            yield
+            return
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False) as counter:
+            yield
+        self.flops_per_step = counter.get_total_flops() * self.run.world_size  # this rank's share x ranks
 
     def step(self, it, terms, hp):
         self.bar.update(1)

@@ -65,7 +65,7 @@ from data import (FashionMNIST, GlobalBatchSampler, MultiCropCollate, SeededItem
 from losses import dino_loss, ibot_loss, is_dist, koleo_loss, sinkhorn_knopp, softmax_center, update_center
 from model import ARCHS, DINOHead, DinoVisionTransformer
 from runtime import (Progress, RunError, StopSignal, atomic_save, full_state_dicts, get_rank, learner_state,
-                     load_learner_state, open_run_dir, peak_flops, print0, release_lock, rng_states, save_backbone,
+                     load_learner_state, open_run_dir, print0, release_lock, rng_states, save_backbone,
                      set_rng_states, setup_distributed)
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -379,7 +379,7 @@ def fully_shard_fn():
     return fully_shard
 
 
-def wrap_student(student, teacher, cfg, device):
+def wrap_student(student, teacher, cfg, device, distributed=True):
     """Activation checkpointing, then DDP (default) or FSDP2 (cfg.fsdp; the teacher is sharded the same way so the
     EMA runs shard by shard), then torch.compile. Returns the module to call; `student` stays the raw module
     (state dicts without "module." / "_orig_mod." prefixes)."""
@@ -388,14 +388,14 @@ def wrap_student(student, teacher, cfg, device):
         for block in student.backbone.blocks:
             checkpoint(block)
     model = student
-    if is_dist() and cfg.fsdp:
+    if distributed and is_dist() and cfg.fsdp:
         fully_shard = fully_shard_fn()
         for m in (student, teacher):
             for block in m.backbone.blocks:
                 fully_shard(block)
             for sub in (m.backbone, m.dino_head, m.ibot_head, m):
                 fully_shard(sub)
-    elif is_dist():
+    elif distributed and is_dist():
         model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
@@ -418,12 +418,13 @@ class Learner:
     scaler: torch.amp.GradScaler
 
 
-def build_learner(name, model, ema, cfg, device):
+def build_learner(name, model, ema, cfg, device, distributed=True):
     """Move, wrap (FSDP2 replaces the parameters with sharded DTensors), then build AdamW over the parameters
-    that will actually be updated: an optimizer built before fully_shard would update stale tensors."""
+    that will actually be updated: an optimizer built before fully_shard would update stale tensors.
+    distributed=False: no DDP / FSDP2 even under torchrun (plan.py traces one process on fake tensors)."""
     if next(model.parameters()).device != device:  # (plan.py's fake parameters are already in place)
         model, ema = model.to(device), ema.to(device)
-    wrapped = wrap_student(model, ema, cfg, device)
+    wrapped = wrap_student(model, ema, cfg, device, distributed)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=0.0, betas=cfg.adamw_betas)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     return Learner(name, model, ema, wrapped, optimizer, scaler)
@@ -644,7 +645,8 @@ def train_loop(cfg, run, learners, teacher, centers, batches, start, save, log, 
             micro_batches = batches.at(it)  # (before seeding: a new DataLoader draws from the global RNG)
             torch.manual_seed(step_seed(cfg.seed, it, run.rank))  # drop path draws: a function of the step
             hp = {k: float(v[it]) for k, v in schedules.items()}  # lr, last_layer_lr, wd, momentum, teacher_temp
-            terms, centers = train_step(learners, teacher, micro_batches, hp, centers, cfg, run.autocast)
+            with log.counting_flops():  # the first step on a GPU: its FLOPs, for MFU
+                terms, centers = train_step(learners, teacher, micro_batches, hp, centers, cfg, run.autocast)
             log.step(it, terms, hp)
             if monitor and cfg.eval_every and (it + 1) % cfg.eval_every == 0:
                 monitor(it)
@@ -690,7 +692,7 @@ def train(cfg, dataset=None):
     if ckpt:
         start, centers = load_checkpoint(ckpt, learner, cfg, run.device)
         print0(f"resumed from {ckpt_path} at iteration {start}")
-    log = Progress(cfg, run, start, "train", flops_per_step=step_flops(cfg, run))
+    log = Progress(cfg, run, start, "train")
     monitor = periodic_knn(cfg, run, teacher.backbone, log) if dataset is None else None
     dataset = dataset if dataset is not None else build_dataset(cfg.data, train=True)
     save = lambda step, c: save_checkpoint(ckpt_path, cfg, model_args, step, learner, c)
@@ -700,15 +702,6 @@ def train(cfg, dataset=None):
         if run.rank == 0:
             save_backbone(os.path.join(cfg.output_dir, "teacher_backbone.pth"), teacher_sd, model_args)
     return student, teacher
-
-
-def step_flops(cfg, run):
-    """FLOPs of one optimizer step (for MFU), counted by plan.py's trace; only on a GPU, where MFU is logged."""
-    if peak_flops(run.device) is None:
-        return None
-    from plan import trace_step  # plan.py imports this file; imported here, on demand
-    return trace_step(cfg, run.micro_batch_size, memory=False)["flops_per_micro_batch"] * run.accumulation_steps \
-        * run.world_size
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -551,6 +551,16 @@ def test_torch_compile_matches_eager(tmp_path):  # ~70 s of compilation on 2 cor
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
 
 
+def test_mfu_is_logged_from_the_first_steps_flops(tmp_path, monkeypatch):
+    """On a GPU with a known peak the loop counts the first step's FLOPs; here a 1 TFLOP/s "device" stands in."""
+    monkeypatch.setattr(runtime, "peak_flops", lambda device: 1e12)
+    T.train(tiny_cfg(tmp_path, total_iters=3), dataset=random_images())
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    flops = plan.trace_step(tiny_cfg(tmp_path), 8, memory=False)["flops_per_micro_batch"]
+    for r in rows:  # mfu = FLOPs per step / seconds per step / peak, and seconds = batch / images_per_s
+        assert r["mfu"] == pytest.approx(flops / (8 / r["images_per_s"]) / 1e12, rel=0.02)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The plan and the benchmark (plan.py)
 # ---------------------------------------------------------------------------------------------------------------
