@@ -35,9 +35,9 @@ CPU = torch.device("cpu")
 # ---------------------------------------------------------------------------------------------------------------
 # Tracing one step on fake tensors
 # ---------------------------------------------------------------------------------------------------------------
-def real_batch(cfg, micro_batch, global_crop_size=None):
+def real_batch(cfg, micro_batch):
     """A micro-batch from the real collate on random images (the mask counts are real, so M is exact)."""
-    size = global_crop_size or cfg.global_crop_size
+    size = cfg.global_crop_size
     collate = MultiCropCollate(size, cfg.local_crop_size, cfg.n_local_crops, cfg.patch_size,
                                mask_ratio=cfg.mask_ratio, mask_probability=cfg.mask_probability,
                                seed=cfg.seed, global_batch=micro_batch)
@@ -73,9 +73,9 @@ def hyperparameters(cfg):
 
 def trace_step(cfg, micro_batch, memory=True, prepare=None, build=build_pretraining):
     """Run train.train_step on fake tensors and count its FLOPs; with memory, run it twice and measure the
-    second (AdamW's state exists then, as in every later step). prepare(cfg, batch) -> batch adapts the batch (distillation: no masks).
-    -> dict(flops_per_micro_batch, memory bytes by kind at the peak: param, buffer, grad, optstate,
-    activation, temp, and peak)."""
+    second (AdamW's state exists then, as in every later step). prepare(cfg, batch) -> batch adapts the batch
+    (distillation: no masks). -> dict(flops_per_micro_batch and, with memory, MemTracker's bytes at the peak by
+    kind: "_memreftype.param", ".buffer", ".grad", ".act", ".temp", ".opt", ".oth", and "total")."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.utils.flop_counter import FlopCounterMode
