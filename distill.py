@@ -142,8 +142,6 @@ def student_config(cfg, name, n_prototypes):
 def build_student(cfg, name, n_prototypes, device):
     """A student (train.Learner) with its own DINO/iBOT heads over the teacher's K prototypes; its EMA starts
     as a copy. -> (learner, model_args)."""
-    if name not in ARCHS:
-        raise ValueError(f"unknown student {name!r}; choose from {sorted(ARCHS)}")
     # the "teacher" that train.py builds beside a student is exactly the spare EMA copy distillation needs
     model, ema, model_args = build_student_teacher(student_config(cfg, name, n_prototypes))
     return build_learner(name, model, ema, cfg, device), model_args
@@ -196,6 +194,7 @@ def load_distill_checkpoint(ckpt, students, cfg, device):
 def distill(cfg, dataset=None):
     """Distil cfg.teacher into each of cfg.students -> (teacher, [train.Learner]). `dataset` overrides cfg.data."""
     run = start_run(cfg)
+    ckpt_path, ckpt = os.path.join(cfg.output_dir, "checkpoint.pth"), open_run_dir(cfg, run)  # before any work
     teacher, teacher_args = load_teacher(cfg.teacher)
     if teacher_args["patch_size"] != cfg.patch_size:  # the iBOT loss compares patch tokens position by position
         raise RunError(f"--patch_size: {cfg.patch_size} differs from the teacher's {teacher_args['patch_size']}")
@@ -205,7 +204,6 @@ def distill(cfg, dataset=None):
     built = [build_student(cfg, name, K, run.device) for name in cfg.students.split(",")]
     students, model_args = [st for st, _ in built], {st.name: args for st, args in built}
     centers, start = zero_centers(K, run.device), 0
-    ckpt_path, ckpt = os.path.join(cfg.output_dir, "checkpoint.pth"), open_run_dir(cfg, run)
     if ckpt:
         start, centers = load_distill_checkpoint(ckpt, students, cfg, run.device)
         print0(f"resumed from {ckpt_path} at iteration {start}")

@@ -684,11 +684,11 @@ def zero_centers(n_prototypes, device):
 def train(cfg, dataset=None):
     """Pretrain with DINOv2; returns the raw (student, teacher) modules. `dataset` overrides cfg.data (tests)."""
     run = start_run(cfg)
+    ckpt_path, ckpt = os.path.join(cfg.output_dir, "checkpoint.pth"), open_run_dir(cfg, run)  # before any work
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     student, teacher, model_args = build_student_teacher(cfg)
     learner = build_learner("student", student, teacher, cfg, run.device)
     centers, start = zero_centers(cfg.n_prototypes, run.device), 0  # centers: EMA centering only
-    ckpt_path, ckpt = os.path.join(cfg.output_dir, "checkpoint.pth"), open_run_dir(cfg, run)
     if ckpt:
         start, centers = load_checkpoint(ckpt, learner, cfg, run.device)
         print0(f"resumed from {ckpt_path} at iteration {start}")
