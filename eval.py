@@ -81,6 +81,8 @@ class EvalConfig:
     data: str = "fashion-mnist"  # labelled train split: "fashion-mnist", a folder of IDX files,
     #                              or image folders
     test_data: str = ""  # test split; "" = build_dataset(data, train=False) (val/ or test/ in data)
+    n_train: int = 0  # (ours) k-NN / linear: a fixed random subset of this many training images; 0 = all
+    n_test: int = 0  # (ours) the same for the test split (studies.py evaluates many short runs)
     image_size: int = 0  # px side fed to the backbone, a multiple of the patch size; 0 = the
     #                      checkpoint's training size (its position embedding's), at most 224 (paper)
     batch_size: int = 256  # images per forward pass when extracting features (official knn.py: 256)
@@ -118,6 +120,8 @@ class EvalConfig:
     def check(self):
         at_least("image_size", self.image_size, 0)
         at_least("batch_size", self.batch_size, 1)
+        at_least("n_train", self.n_train, 0)
+        at_least("n_test", self.n_test, 0)
         at_least("num_workers", self.num_workers, 0)
         if self.device != "auto" and not self.device.startswith(DEVICES):
             one_of("device", self.device, ("auto",) + DEVICES)
@@ -223,7 +227,14 @@ def load_splits(cfg):
     if getattr(train_set, "paths", None) is not None and train_set.paths == getattr(test_set, "paths", None):
         raise ValueError(f"{cfg.data} has no train/ and val/ (or test/) sub-folders: pass --test_data <folder>")
     shared_class_index(train_set, test_set)  # before any feature is computed
-    return train_set, test_set
+    return subset(train_set, cfg.n_train, cfg.seed), subset(test_set, cfg.n_test, cfg.seed)
+
+
+def subset(dataset, n, seed):
+    """A fixed random subset of n items (all when n is 0 or at least the size), the same for every backbone."""
+    if not n or n >= len(dataset):
+        return dataset
+    return torch.utils.data.Subset(dataset, np.random.default_rng(seed).choice(len(dataset), n, replace=False))
 
 
 def shared_class_index(train_set, test_set):

@@ -100,6 +100,7 @@ class Config:
     head_bottleneck_dim: int = 384  # DINO head's l2-normalised bottleneck (vitg14/vitl14 configs; default 256)
     ibot_head_bottleneck_dim: int = 256  # iBOT head's (the official configs override only the DINO head's)
     head_nlayers: int = 3  # Linear-GELU-Linear-GELU-Linear
+    ibot_separate_head: bool = True  # Sec. 4: untied heads; false = the iBOT loss uses the DINO head (ablation)
     # --- multi-crop and masking (Sec. 4, App. B)
     global_crop_size: int = 224  # px, 2 global crops
     local_crop_size: int = 98  # px (98 = 7 x 14)
@@ -294,7 +295,9 @@ def build_student_teacher(cfg):
     D = args["embed_dim"]
     head = lambda bottleneck: DINOHead(D, cfg.n_prototypes, nlayers=cfg.head_nlayers,
                                        hidden_dim=cfg.head_hidden_dim, bottleneck_dim=bottleneck)
-    heads = lambda: (head(cfg.head_bottleneck_dim), head(cfg.ibot_head_bottleneck_dim))  # DINO, iBOT
+    def heads():  # (DINO, iBOT); tied (ablation of Sec. 4): one module, so the state dict repeats its keys
+        dino = head(cfg.head_bottleneck_dim)
+        return dino, head(cfg.ibot_head_bottleneck_dim) if cfg.ibot_separate_head else dino
     student = DinoV2(DinoVisionTransformer(**args, drop_path_rate=cfg.drop_path_rate,
                                            drop_path_uniform=cfg.drop_path_uniform, attn_impl=cfg.attn_impl),
                      *heads())
@@ -393,7 +396,7 @@ def wrap_student(student, teacher, cfg, device, distributed=True):
         for m in (student, teacher):
             for block in m.backbone.blocks:
                 fully_shard(block)
-            for sub in (m.backbone, m.dino_head, m.ibot_head, m):
+            for sub in dict.fromkeys((m.backbone, m.dino_head, m.ibot_head, m)):  # tied heads: shard once
                 fully_shard(sub)
     elif distributed and is_dist():
         model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
@@ -527,7 +530,7 @@ def optimizer_step(learner, cfg):
     optimizer, scaler, student = learner.optimizer, learner.scaler, learner.model
     scaler.unscale_(optimizer)
     norms = [torch.nn.utils.clip_grad_norm_(m.parameters(), cfg.clip_grad)
-             for m in (student.backbone, student.dino_head, student.ibot_head)]
+             for m in dict.fromkeys((student.backbone, student.dino_head, student.ibot_head))]
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
