@@ -50,7 +50,8 @@ from cli import at_least
 from data import build_dataset, eval_transform, resize
 from distill import DISTILL_PRESETS, DistillConfig, distill
 from model import load_model
-from train import PRESETS as TRAIN_PRESETS, Config, train
+from runtime import save_backbone
+from train import PRESETS as TRAIN_PRESETS, Config, build_student_teacher, train
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -171,6 +172,19 @@ def run_folder(scfg, cfg):
     return os.path.join(scfg.out, "runs", hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12])
 
 
+def untrained(scfg, cfg):
+    """The teacher backbone of this config at initialisation, saved once -> (folder, {"backbone": path}): the
+    reference every table starts from (a short run's gain is measured against it)."""
+    folder = run_folder(scfg, cfg) + "_init"
+    path = os.path.join(folder, "teacher_backbone.pth")
+    if not os.path.exists(path):
+        torch.manual_seed(cfg.seed)  # as train.train builds it
+        _, teacher, model_args = build_student_teacher(cfg)
+        os.makedirs(folder, exist_ok=True)
+        save_backbone(path, teacher.state_dict(), model_args)
+    return folder, dict(backbone=path, train_s=0.0)
+
+
 def trained(scfg, cfg):
     """Train one run, or reuse it -> (folder, {"backbone": path of the evaluated backbone, "train_s": seconds}).
     train.py's run is judged by its EMA teacher, distillation by the student's spare EMA (Sec. 5)."""
@@ -285,11 +299,15 @@ def run_study(name, scfg, device):
         raise FileNotFoundError(f"--teacher {scfg.teacher} does not exist: run `python train.py` first (it writes "
                                 f"runs/tiny/checkpoint.pth), or pass a train.py checkpoint")
     rows = []
-    for arm in study.arms:
-        steps = arm_steps(scfg, arm, study.arms[0])
-        runs = [trained(scfg, run_config(scfg, arm, seed, steps)) for seed in scfg.seeds]
-        row = dict(arm=arm.label, steps=steps, train_min=summary([r["train_s"] / 60 for _, r in runs]),
-                   runs=[folder for folder, _ in runs])
+    base = next(a for a in study.arms if a.kind == "train")  # distill: the untrained network is the student
+    for arm in [None] + study.arms:  # None: the untrained network, measured the same way
+        steps = arm_steps(scfg, arm, study.arms[0]) if arm else 0
+        if arm:
+            runs = [trained(scfg, run_config(scfg, arm, seed, steps)) for seed in scfg.seeds]
+        else:
+            runs = [untrained(scfg, run_config(scfg, base, seed)) for seed in scfg.seeds]
+        row = dict(arm=arm.label if arm else "untrained (initialisation)", steps=steps,
+                   train_min=summary([r["train_s"] / 60 for _, r in runs]), runs=[folder for folder, _ in runs])
         for metric in study.metrics:
             row[metric] = summary([measured(scfg, folder, r["backbone"], metric, device) for folder, r in runs])
         rows.append(row)

@@ -48,7 +48,8 @@ def run_config_of(folder):
 def test_koleo_study_trains_each_arm_and_reuses_finished_runs(toy, monkeypatch):
     record = studies.run_study("koleo", toy, torch.device("cpu"))
     check_record(record, toy, ("knn", "copy_map"))
-    with_koleo, without = record["rows"]
+    init, with_koleo, without = record["rows"]
+    assert init["steps"] == 0 and init["knn"]["values"] != with_koleo["knn"]["values"]
     assert [run_config_of(f)["koleo_loss_weight"] for f in with_koleo["runs"]] == [0.1, 0.1]
     assert [run_config_of(f)["koleo_loss_weight"] for f in without["runs"]] == [0.0, 0.0]
     assert [run_config_of(f)["seed"] for f in without["runs"]] == [0, 1]
@@ -62,14 +63,26 @@ def test_koleo_study_trains_each_arm_and_reuses_finished_runs(toy, monkeypatch):
 def test_ibot_study_without_masks_has_no_ibot_loss(toy):
     record = studies.run_study("ibot", toy, torch.device("cpu"))
     check_record(record, toy, ("knn", "linear", "patch"))
-    for folder in record["rows"][1]["runs"]:
+    for folder in record["rows"][2]["runs"]:
         with open(os.path.join(folder, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f if '"ibot"' in line]
         assert rows and all(r["ibot"] == 0.0 and np.isfinite(r["loss"]) for r in rows)
-    assert record["rows"][0]["runs"][0] in studies.run_study("koleo", toy, torch.device("cpu"))["rows"][0]["runs"]
+    assert record["rows"][1]["runs"][0] in studies.run_study("koleo", toy, torch.device("cpu"))["rows"][1]["runs"]
 
 
-def test_tied_heads_share_one_module_and_train():
+@pytest.mark.parametrize("name", ["centering", "heads", "multicrop"])
+def test_other_studies_train_their_arms_at_toy_size(toy, name):
+    record = studies.run_study(name, toy, torch.device("cpu"))
+    check_record(record, toy, studies.STUDIES[name].metrics)
+    changed = studies.STUDIES[name].arms[1]
+    for folder in record["rows"][2]["runs"]:
+        cfg = run_config_of(folder)
+        assert {k: cfg[k] for k in changed.changes} == changed.changes
+        assert cfg["total_iters"] == record["rows"][2]["steps"] == studies.arm_steps(toy, changed,
+                                                                                    studies.STUDIES[name].arms[0])
+
+
+def test_tied_heads_share_one_module():
     cfg = studies.run_config(studies.StudyConfig(**studies.PRESETS["toy"]), studies.Arm("tied", dict(
         ibot_separate_head=False)), seed=0)
     student, teacher, _ = train.build_student_teacher(cfg)
@@ -96,8 +109,9 @@ def test_distill_study_against_the_student_from_scratch(toy, tmp_path):
     record = studies.run_study("distill", scfg, torch.device("cpu"))
     check_record(record, scfg, ("knn",))
     labels = [r["arm"] for r in record["rows"]]
-    assert labels[-1].startswith("teacher") and len(labels) == 4
-    distilled, masked, scratch = (run_config_of(r["runs"][0]) for r in record["rows"][:3])
+    assert labels[0].startswith("untrained") and labels[-1].startswith("teacher") and len(labels) == 5
+    distilled, masked, scratch = (run_config_of(r["runs"][0]) for r in record["rows"][1:4])
+    assert studies.load_model(record["rows"][0]["runs"][0] + "/teacher_backbone.pth").n_blocks == 2
     assert (distilled["mask_probability"], distilled["drop_path_rate"]) == (0.0, 0.0)
     assert (masked["mask_probability"], masked["drop_path_rate"]) == (0.5, 0.1)
     assert distilled["students"] == "vit_tiny_d2" and scratch["arch"] == "vit_tiny_d2"
