@@ -327,15 +327,15 @@ def teacher_row(scfg, metrics, device):
 
 
 def print_table(record, metrics):
+    """The study's table in Markdown (the README pastes it as printed): mean +- sample std over the seeds."""
     n = len(record["config"]["seeds"])
-    print(f"\n{record['study']}: {record['question']}  (mean +- std over {n} seeds)")
-    head = f"{'arm':46s} {'steps':>6s} {'train min':>9s}" + "".join(f" {METRIC_NAMES[m]:>16s}" for m in metrics)
-    print(head)
+    print(f"\n{record['study']}: {record['question']} (mean ± std over {n} seeds)\n")
+    print("| arm | steps | train min | " + " | ".join(METRIC_NAMES[m] for m in metrics) + " |")
+    print("|---" * (3 + len(metrics)) + "|")
     for r in record["rows"]:
-        cells = [f"{r['arm']:46s}", f"{r['steps'] or '-':>6}",
-                 f"{r['train_min']['mean']:9.1f}" if r["train_min"] else f"{'-':>9s}"]
-        cells += [f"{r[m]['mean']:9.2f} +- {r[m]['std']:4.2f}" for m in metrics]
-        print(" ".join(cells))
+        cells = [r["arm"], str(r["steps"] or "-"), f"{r['train_min']['mean']:.1f}" if r["train_min"] else "-"]
+        cells += [f"{r[m]['mean']:.2f} ± {r[m]['std']:.2f}" for m in metrics]
+        print("| " + " | ".join(cells) + " |")
 
 
 def write_json(path, record):
