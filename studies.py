@@ -123,6 +123,7 @@ METRIC_NAMES = dict(knn="k-NN top-1 %", linear="linear top-1 %", patch="patch pr
 
 
 def parse_config(argv=None):
+    """`python studies.py <study> --field value` -> (StudyConfig, args with .study); cli.py's convention."""
     names = sorted(STUDIES) + ["retrieval", "all"]
     positionals = [("study", "which study to run", dict(choices=names))]
     return cli.parse_config(StudyConfig, argv, presets=PRESETS, positionals=positionals, prog="studies.py",
@@ -211,20 +212,21 @@ def trained(scfg, cfg):
 # ---------------------------------------------------------------------------------------------------------------
 # Measures: eval.py's k-NN, linear probe and copy retrieval, and a patch-level probe (dense tasks)
 # ---------------------------------------------------------------------------------------------------------------
-def eval_config(scfg, backbone, **fields):
+def eval_config(backbone, **fields):
+    """eval.py's tiny preset at the backbone's training size, with the study's sizes."""
     return ev.EvalConfig(**{**ev.PRESETS["tiny"], "image_size": ev.trained_size(backbone), **fields})
 
 
 def measure(scfg, backbone, metric, device):
     """One number (%) for one metric of a frozen backbone."""
     if metric == "knn":
-        cfg = eval_config(scfg, backbone, n_train=scfg.knn_train, n_test=scfg.knn_test, knn_ks=(20,))
+        cfg = eval_config(backbone, n_train=scfg.knn_train, n_test=scfg.knn_test, knn_ks=(20,))
         return ev.run_knn(backbone, cfg, device)["knn"][0]["top1"]
     if metric == "linear":
-        cfg = eval_config(scfg, backbone, n_train=scfg.linear_train, n_test=scfg.knn_test)
+        cfg = eval_config(backbone, n_train=scfg.linear_train, n_test=scfg.knn_test)
         return ev.run_linear(backbone, cfg, device)["best"]["test_top1"]
     if metric == "copy_map":  # mean over moderate and strong edits (strength 0 is an exact copy: always found)
-        cfg = eval_config(scfg, backbone, retrieval_originals=scfg.copies, retrieval_distractors=9 * scfg.copies,
+        cfg = eval_config(backbone, retrieval_originals=scfg.copies, retrieval_distractors=9 * scfg.copies,
                           retrieval_strengths=(0.25, 0.5))
         return 100 * float(np.mean([r["mAP"] for r in ev.run_retrieval(backbone, cfg, device)["retrieval"]]))
     if metric == "patch":
@@ -237,7 +239,10 @@ def measured(scfg, folder, backbone_path, metric, device):
     sizes = dict(knn=(scfg.knn_train, scfg.knn_test), linear=(scfg.linear_train, scfg.knn_test),
                  copy_map=(scfg.copies,), patch=(scfg.patch_train, scfg.patch_test))[metric]
     key, path = ":".join(map(str, (metric,) + sizes)), os.path.join(folder, "measures.json")
-    cache = json.load(open(path)) if os.path.exists(path) else {}
+    cache = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            cache = json.load(f)
     if key not in cache:
         cache[key] = measure(scfg, load_model(backbone_path).to(device), metric, device)
         with open(path, "w") as f:

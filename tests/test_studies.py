@@ -2,7 +2,7 @@
 distill.distill, curate.retrieve, eval.py's measures), the tables' statistics, the run cache, and the
 ablation switches the studies rely on (tied heads, iBOT off).
 
-Run: python -m pytest -q tests/test_studies.py   (~2 min on 2 cores; the studies share one run cache)
+Run: python -m pytest -q tests/test_studies.py   (~2.5 min on 2 cores; the studies share one run cache)
 """
 import json
 import os
