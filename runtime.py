@@ -18,7 +18,7 @@ import random
 import signal
 import socket
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
@@ -99,7 +99,9 @@ def open_run_dir(cfg, run):
         return None
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     saved, current = ckpt["config"], asdict(cfg)
-    changed = {k: (saved.get(k), v) for k, v in current.items() if _plain(saved.get(k)) != _plain(v)}
+    defaults = {f.name: f.default for f in fields(cfg)}
+    saved = {k: saved.get(k, defaults[k]) for k in current}  # a field newer than the checkpoint: its default ran
+    changed = {k: (saved[k], v) for k, v in current.items() if _plain(saved[k]) != _plain(v)}
     for k, (old, new) in changed.items():
         print0(f"resume: {k} was {old!r}, now {new!r}")
     breaking = sorted(set(changed) - RESUMABLE_CHANGES)

@@ -523,6 +523,20 @@ def test_bad_flags_are_one_line_errors(flags, flag, capsys):
     assert flag in err[1] and "Traceback" not in err[1]
 
 
+def test_resume_accepts_a_checkpoint_older_than_a_field(tmp_path):
+    """A checkpoint written before a field existed ran with that field's default: resuming it is the same run,
+    while a changed value of a field it has still needs --allow_changes."""
+    items = random_images(16)
+    T.train(tiny_cfg(tmp_path, total_iters=2, stop_after=1), dataset=items)
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    del ckpt["config"]["ibot_separate_head"]  # as written before the field was added
+    torch.save(ckpt, tmp_path / "checkpoint.pth")
+    T.train(tiny_cfg(tmp_path, total_iters=2, resume=True), dataset=items)
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["step"] == 2
+    with pytest.raises(T.RunError, match="ibot_separate_head"):
+        T.train(tiny_cfg(tmp_path, total_iters=2, resume=True, ibot_separate_head=False), dataset=items)
+
+
 def test_lock_refuses_a_live_writer_and_takes_over_a_dead_ones_lock(tmp_path):
     lock = tmp_path / "run.lock"
     lock.write_text(f"{os.getppid()} {socket.gethostname()}")  # a live process that is not this one
