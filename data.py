@@ -38,7 +38,7 @@ from functools import partial
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from cli import progress
 
@@ -322,6 +322,14 @@ def extract_features(backbone, dataset, image_size, batch_size=256, device="cpu"
         labels.append(y)
     backbone.train(was_training)
     return torch.cat(feats), torch.cat(labels).long()
+
+
+def subset(dataset, n, seed=0):
+    """A fixed random subset of n items (all when n is 0/None or at least the size), the same for every backbone
+    evaluated on it (train.py's k-NN monitor, eval.py --n_train / --n_test)."""
+    if not n or n >= len(dataset):
+        return dataset
+    return Subset(dataset, np.random.default_rng(seed).choice(len(dataset), n, replace=False))
 
 
 @torch.no_grad()

@@ -68,7 +68,7 @@ from torch.utils.data import DataLoader, Dataset
 import cli
 from cli import at_least, in_range, one_of, progress
 from data import (MapDataset, build_dataset, eval_transform, extract_features, knn_classify, normalize,
-                  resize)
+                  resize, subset)
 from model import load_model
 
 
@@ -228,13 +228,6 @@ def load_splits(cfg):
         raise ValueError(f"{cfg.data} has no train/ and val/ (or test/) sub-folders: pass --test_data <folder>")
     shared_class_index(train_set, test_set)  # before any feature is computed
     return subset(train_set, cfg.n_train, cfg.seed), subset(test_set, cfg.n_test, cfg.seed)
-
-
-def subset(dataset, n, seed):
-    """A fixed random subset of n items (all when n is 0 or at least the size), the same for every backbone."""
-    if not n or n >= len(dataset):
-        return dataset
-    return torch.utils.data.Subset(dataset, np.random.default_rng(seed).choice(len(dataset), n, replace=False))
 
 
 def shared_class_index(train_set, test_set):

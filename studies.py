@@ -47,7 +47,7 @@ import curate
 import eval as ev
 import plan
 from cli import at_least
-from data import build_dataset, eval_transform, resize
+from data import build_dataset, eval_transform, resize, subset
 from distill import DISTILL_PRESETS, DistillConfig, distill
 from model import load_model
 from runtime import save_backbone
@@ -254,11 +254,10 @@ def measured(scfg, folder, backbone_path, metric, device):
 def patch_tokens(backbone, dataset, n, device, seed, batch=256):
     """Patch tokens of the foreground patches of n images (mean pixel > 0.1: Fashion-MNIST's background is 0)
     and, as each patch's label, its image's class -> (tokens [M,D], labels [M])."""
-    size, p = ev.trained_size(backbone), backbone.patch_size
-    idx = np.random.default_rng(seed).choice(len(dataset), min(n, len(dataset)), replace=False)
+    size, p, images = ev.trained_size(backbone), backbone.patch_size, subset(dataset, n, seed)
     feats, labels = [], []
-    for i in range(0, len(idx), batch):
-        imgs, ys = zip(*(dataset[int(j)] for j in idx[i:i + batch]))
+    for i in range(0, len(images), batch):
+        imgs, ys = zip(*(images[j] for j in range(i, min(i + batch, len(images)))))
         x = torch.stack([eval_transform(img, size) for img in imgs]).to(device)  # [B,3,S,S]
         tokens = backbone.forward_features(x)["x_norm_patchtokens"].float().cpu()  # [B,P,D]
         pixels = torch.stack([resize(img, (size, size)).mean(0) for img in imgs])  # [B,S,S] in [0,1]

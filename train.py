@@ -61,7 +61,7 @@ from torch.utils.data import DataLoader
 import cli
 from cli import at_least, has_length, in_range, increasing, one_of
 from data import (FashionMNIST, GlobalBatchSampler, MultiCropCollate, SeededItems, build_dataset, extract_features,
-                  knn_classify, labelled_splits)
+                  knn_classify, labelled_splits, subset)
 from losses import dino_loss, ibot_loss, is_dist, koleo_loss, sinkhorn_knopp, softmax_center, update_center
 from model import ARCHS, DINOHead, DinoVisionTransformer
 from runtime import (Progress, RunError, StopSignal, atomic_save, full_state_dicts, get_rank, learner_state,
@@ -570,10 +570,7 @@ def load_checkpoint(ckpt, learner, cfg, device):
 def knn_eval(backbone, splits, image_size, device, autocast, train_size=None):
     """Weighted k-NN top-1 (k=20, T=0.07, DINO v1 protocol) of `backbone` on splits = (train, held-out).
     train_size: use a fixed random subset of the training images (None: all)."""
-    train_set, test_set = splits
-    if train_size and train_size < len(train_set):
-        keep = np.random.default_rng(0).choice(len(train_set), train_size, replace=False)
-        train_set = torch.utils.data.Subset(train_set, keep)
+    train_set, test_set = subset(splits[0], train_size), splits[1]
     with autocast:
         train_feats, train_labels = extract_features(backbone, train_set, image_size, device=device)
         test_feats, test_labels = extract_features(backbone, test_set, image_size, device=device)
