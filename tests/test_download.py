@@ -1,4 +1,4 @@
-"""Tests for the Fashion-MNIST download (data.download_fashion_mnist) against a local HTTP server.
+"""Tests for the Fashion-MNIST download (download.download_fashion_mnist) against a local HTTP server.
 
 These machines have no internet, so a server on 127.0.0.1 (a free port, loopback only, stopped
 after each test) serves the files of Debian's dataset-fashion-mnist package the way Zalando's server
@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import data
+import download
 
 SMALL = "t10k-labels-idx1-ubyte.gz"  # 5 kB: the first file fetched, enough to see a failure
 
@@ -46,7 +47,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 def server(fashion_mnist_dir):
     """A loopback HTTP server with the Debian files; yields it with .url, .mode and .requests."""
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.files = {n: (fashion_mnist_dir / n).read_bytes() for n in data.FASHION_MNIST_FILES}
+    httpd.files = {n: (fashion_mnist_dir / n).read_bytes() for n in download.FASHION_MNIST_FILES}
     httpd.mode, httpd.requests = "ok", []
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/"
     thread = threading.Thread(target=httpd.serve_forever, kwargs=dict(poll_interval=0.05),
@@ -60,13 +61,13 @@ def server(fashion_mnist_dir):
 
 def test_download_verifies_and_loads(server, tmp_path, monkeypatch, capsys):
     cache = tmp_path / "cache"
-    monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(tmp_path / "no-debian-package"))
+    monkeypatch.setattr(download, "FASHION_MNIST_DIR", str(tmp_path / "no-debian-package"))
     monkeypatch.setenv("DINOV2_FASHION_MNIST", str(cache))
     monkeypatch.setenv("DINOV2_FASHION_MNIST_URL", server.url)
     test_set = data.build_dataset("fashion-mnist", train=False)  # on a machine without the data
     assert len(test_set) == 10_000 and test_set[0][1] == 9  # the first test image is an ankle boot
-    assert sorted(p.name for p in cache.iterdir()) == sorted(data.FASHION_MNIST_FILES)  # no temps
-    for name in data.FASHION_MNIST_FILES:
+    assert sorted(p.name for p in cache.iterdir()) == sorted(download.FASHION_MNIST_FILES)  # no temps
+    for name in download.FASHION_MNIST_FILES:
         assert (cache / name).read_bytes() == server.files[name]
     out = capsys.readouterr().out
     assert f"downloading 4 Fashion-MNIST files (30 MB in all) from {server.url} into {cache}" in out
@@ -78,7 +79,7 @@ def test_download_verifies_and_loads(server, tmp_path, monkeypatch, capsys):
 
 def test_checksums_match_the_debian_files(fashion_mnist_dir):
     # the published .gz MD5s are Zalando's; Debian's re-compressed copies match decompressed
-    for name, (_, idx_md5) in data.FASHION_MNIST_FILES.items():
+    for name, (_, idx_md5) in download.FASHION_MNIST_FILES.items():
         raw = gzip.decompress((fashion_mnist_dir / name).read_bytes())
         assert hashlib.md5(raw).hexdigest() == idx_md5
 
@@ -89,8 +90,8 @@ def test_checksums_match_the_debian_files(fashion_mnist_dir):
 ])
 def test_a_bad_file_is_refused_and_nothing_is_written(server, tmp_path, mode, message):
     server.mode = mode
-    with pytest.raises(data.DownloadError, match=message) as e:
-        data.download_fashion_mnist(tmp_path / "cache", base_url=server.url, timeout=10)
+    with pytest.raises(download.DownloadError, match=message) as e:
+        download.download_fashion_mnist(tmp_path / "cache", base_url=server.url, timeout=10)
     assert "apt-get install dataset-fashion-mnist" in str(e.value)
     assert "--data <folder>" in str(e.value)
     assert list((tmp_path / "cache").iterdir()) == []  # no partial file, no temp file
@@ -98,8 +99,8 @@ def test_a_bad_file_is_refused_and_nothing_is_written(server, tmp_path, mode, me
 
 def test_a_file_cut_short_with_a_matching_length_fails_its_checksum(server, tmp_path):
     server.files[SMALL] = server.files[SMALL][:3000]  # short, served whole: only the MD5 can tell
-    with pytest.raises(data.DownloadError, match="not a complete gzip file"):
-        data.download_fashion_mnist(tmp_path / "cache", base_url=server.url, timeout=10)
+    with pytest.raises(download.DownloadError, match="not a complete gzip file"):
+        download.download_fashion_mnist(tmp_path / "cache", base_url=server.url, timeout=10)
     assert not (tmp_path / "cache" / SMALL).exists()
 
 
@@ -107,8 +108,8 @@ def test_server_down_names_both_ways_out(tmp_path):
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(data.DownloadError) as e:
-        data.download_fashion_mnist(tmp_path / "cache", base_url=f"http://127.0.0.1:{port}/",
+    with pytest.raises(download.DownloadError) as e:
+        download.download_fashion_mnist(tmp_path / "cache", base_url=f"http://127.0.0.1:{port}/",
                                     timeout=5)
     message = str(e.value)
     assert message.startswith(f"could not download http://127.0.0.1:{port}/{SMALL}: ")
