@@ -18,9 +18,6 @@ A config validates itself: its __post_init__ calls check(), one line per field w
 one_of / at_least / in_range / has_length / increasing (each raises ValueError naming the flag), so
 the same rules hold for configs built in code and in tests.
 
-progress() is tqdm that writes a handful of lines, not hundreds, when its output is not a terminal
-(a log file, a batch job, a pipe).
-
     cfg, args = parse_config(Config, presets=PRESETS, default_preset="tiny", description=__doc__)
     print(describe_overrides(cfg, args.preset, PRESETS, Config))  # preset tiny; overrides: seed=1
 """
@@ -35,7 +32,6 @@ import sys
 import textwrap
 import tokenize
 
-from tqdm import tqdm
 
 KINDS = ("bool", "int", "float", "str", "tuple")  # field types a flag can have
 BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -334,25 +330,3 @@ def increasing(name, value):
     if list(value) != sorted(value):
         raise ValueError(f"--{name}: {show(value)} is not in increasing order; "
                          f"allowed: low,high with low <= high")
-
-
-# --------------------------------------------------------------------------------------------------
-# Progress bars that do not flood a log file
-# --------------------------------------------------------------------------------------------------
-def progress(iterable=None, **tqdm_kwargs):
-    """tqdm as usual on a terminal. To a file or pipe (a batch job's log) it redraws only every 10%
-    of a known total and at least 10 s apart (unknown total: once a minute), so a 12,500-step loop
-    writes about a dozen status lines instead of one every 0.1 s. tqdm's monitor thread would
-    otherwise force a redraw every 10 s (maxinterval) whatever miniters says: switched off too."""
-    stream = tqdm_kwargs.get("file") or sys.stderr
-    if not getattr(stream, "isatty", lambda: False)():
-        total = tqdm_kwargs.get("total")
-        if total is None and iterable is not None and hasattr(iterable, "__len__"):
-            total = len(iterable)
-        if total:
-            tqdm_kwargs.setdefault("miniters", max(1, math.ceil(total / 10)))
-            tqdm_kwargs.setdefault("mininterval", 10.0)
-        else:
-            tqdm_kwargs.setdefault("mininterval", 60.0)
-        tqdm_kwargs.setdefault("maxinterval", float("inf"))
-    return tqdm(iterable, **tqdm_kwargs)

@@ -55,11 +55,12 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Subset
 
 import cli
-from cli import at_least, in_range, one_of, progress
+from cli import at_least, in_range, one_of
 from copydetect import VERSION as COPY_VERSION
 from copydetect import load_copy_descriptor
 from data import build_dataset, extract_features
 from model import load_model
+from runtime import progress
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from cli import progress
 from download import FASHION_MNIST_DIR, fashion_mnist_root
+from runtime import progress
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -66,10 +66,11 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 from torch.utils.data import DataLoader, Dataset
 
 import cli
-from cli import at_least, in_range, one_of, progress
+from cli import at_least, in_range, one_of
 from data import (MapDataset, build_dataset, eval_transform, extract_features, knn_classify, normalize,
                   resize, subset)
 from model import load_model
+from runtime import progress
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -13,33 +13,37 @@ Nothing runs on import; nothing here knows the model.
 import atexit
 import contextlib
 import json
+import math
 import os
 import random
 import signal
 import socket
+import sys
 import time
 from dataclasses import asdict, fields
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
-from cli import progress
 from losses import is_dist
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Processes: torchrun (RANK in the environment) or one plain process
 # ---------------------------------------------------------------------------------------------------------------
-def setup_distributed():
-    """-> (rank, world_size, device). A process group only when launched by torchrun (or anything setting RANK)."""
+def setup_distributed(timeout=None):
+    """-> (rank, world_size, device). A process group only when launched by torchrun (or anything setting RANK);
+    once made, later calls return the same. timeout: a datetime.timedelta for collectives (default: torch's)."""
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    if not is_dist():
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo", **({"timeout": timeout} if timeout else {}))
     return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if cuda else torch.device("cpu")
 
 
@@ -273,6 +277,25 @@ def peak_flops(device):
         return None
     name = torch.cuda.get_device_name(device)
     return next((t * 1e12 for key, t in PEAK_BF16_TFLOPS.items() if key in name.split()), None)
+
+
+def progress(iterable=None, **tqdm_kwargs):
+    """tqdm as usual on a terminal. To a file or pipe (a batch job's log) it redraws only every 10%
+    of a known total and at least 10 s apart (unknown total: once a minute), so a 12,500-step loop
+    writes about a dozen status lines instead of one every 0.1 s. tqdm's monitor thread would
+    otherwise force a redraw every 10 s (maxinterval) whatever miniters says: switched off too."""
+    stream = tqdm_kwargs.get("file") or sys.stderr
+    if not getattr(stream, "isatty", lambda: False)():
+        total = tqdm_kwargs.get("total")
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        if total:
+            tqdm_kwargs.setdefault("miniters", max(1, math.ceil(total / 10)))
+            tqdm_kwargs.setdefault("mininterval", 10.0)
+        else:
+            tqdm_kwargs.setdefault("mininterval", 60.0)
+        tqdm_kwargs.setdefault("maxinterval", float("inf"))
+    return tqdm(iterable, **tqdm_kwargs)
 
 
 class Progress:

@@ -14,6 +14,7 @@ import pytest
 from tqdm import tqdm
 
 import cli
+import runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 CENTERINGS = ("sinkhorn_knopp", "ema")
@@ -245,7 +246,7 @@ def test_progress_writes_a_handful_of_lines_to_a_file():
     plain, quiet = io.StringIO(), io.StringIO()
     for _ in tqdm(range(2000), file=plain, mininterval=0):  # tqdm unasked (here: no time limit)
         pass
-    for _ in cli.progress(range(2000), file=quiet, mininterval=0):  # every 10% at most
+    for _ in runtime.progress(range(2000), file=quiet, mininterval=0):  # every 10% at most
         pass
     assert len(status_lines(plain.getvalue())) > 1000
     assert 2 <= len(status_lines(quiet.getvalue())) <= 12 and "2000/2000" in quiet.getvalue()
