@@ -6,6 +6,8 @@ Images are fed at the checkpoint's own training size (its position embedding's, 
 train.py's tiny preset), at most the paper's 224 px, unless --image_size says otherwise. Each
 command prints a small table and writes <checkpoint stem>_eval_<command>.json, and the pictures, to
 --out (default: beside the checkpoint); a folder it cannot write to is an error before any work.
+`baselines` takes no checkpoint: it measures train.py's untrained network (--train_preset) and raw
+pixels, and writes <train_preset>_init_eval_baselines.json to --out (default: runs/).
 
 Run:
     python eval.py knn runs/tiny/teacher_backbone.pth --preset tiny     # Fashion-MNIST 60k / 10k
@@ -15,39 +17,38 @@ Run:
     python eval.py pca dinov2_vits14_pretrain.pth a.jpg b.jpg    # one PCA over both (Fig. 1 style)
     python eval.py attention dinov2_vits14_pretrain.pth a.jpg    # input, mean and every head
     python eval.py knn dinov2_vits14_pretrain.pth --data /data/imagenet  # train/, val/ class folders
+    python eval.py baselines     # k-NN of raw pixels and of train.py's tiny net at initialisation
     python eval.py --help                                        # every flag, default and type
 Every field of EvalConfig is a flag, one convention for every script (cli.py: --knn_ks 10,20).
-The preset "tiny" (PRESETS) only sizes the work for a 28-px model on 2 CPU cores.
-
-What it reaches, from the README's results table (train.py's tiny preset, 7-px patches, width 192,
-depth 4, 1,800 steps, as of commit 3516818; 2 shared CPU cores):
-    `python eval.py knn runs/tiny/teacher_backbone.pth --preset tiny`: k-NN top-1 81.0 / 80.6 /
-    79.9 / 79.5% at k = 10 / 20 / 100 / 200, 91 s; `python eval.py linear ... --preset tiny`: 82.8%,
-    247 s, measured before the probe trained the official 10 epochs at batch 1,024 (it then ran
-    3,000 steps of 256 = 14 epochs). The probe as it is now, on the same architecture at random
-    initialisation (`python eval.py linear <random tiny backbone> --preset tiny`, code of commit
-    200a0ad): 528 steps of 1,024 = 10 epochs, 298 s (features 109 s), best lr 0.05-0.1 (inside the
-    paper's grid), 68.4% test. pca / attention take about a second.
+The preset "tiny" (PRESETS) only sizes the work for a 28-px model on a CPU. What each command
+reaches, and in how long, is in the README's results table beside the command that measured it.
 
 Paper (arXiv 2304.07193) -> code
-    Sec. 6.1 Table 1 k-NN column (DINO protocol: k in {10,20,100,200}, T=0.07) -> run_knn (votes: data.knn_classify)
-    Sec. 7.1 Table 4 linear probe; App. B.3 grid over blocks x avgpool x lr   -> linear_features, linear_inputs,
-                                                                               train_linear_grid, run_linear
-    Sec. 7.3 Table 9 instance recognition; Sec. 3 copy detection for dedup;
-    Sec. 6.4 Table 3 (KoLeo helps retrieval most)                             -> make_copy, retrieval_metrics,
-                                                                               run_retrieval
-    Sec. 7.5 Fig. 1 PCA of patch features, first PC thresholded = foreground  -> patch_grid, pca_rgb, run_pca
-    class-token attention per head of the last block (DINO v1 Fig. 1)         -> cls_attention, run_attention
+    Sec. 6.1 Table 1 k-NN column (DINO protocol:       -> run_knn, knn_rows (votes: data.knn_classify)
+        k in {10,20,100,200}, T=0.07)
+    (ours) the k-NN a pretrained backbone must beat:   -> pixel_features, initial_backbone,
+        raw pixels, the same network at initialisation    run_baselines
+    Sec. 7.1 Table 4 linear probe; App. B.3 grid over  -> linear_features, linear_inputs,
+        blocks x avgpool x lr                              train_linear_grid, run_linear
+    Sec. 7.3 Table 9 instance recognition; Sec. 3 copy -> make_copy, retrieval_metrics, run_retrieval
+        detection for dedup; Sec. 6.4 Table 3 (KoLeo
+        helps retrieval most)
+    Sec. 7.5 Fig. 1 PCA of patch features; class-token -> visualize.py: run_pca, run_attention
+        attention per head of the last block (DINO v1)
 
 Deviations from the paper (also in the README):
-    linear: features computed once on centre crops (no random-resized-crop / flip while training the heads, the
-        backbone never runs in the loop); the grid point is chosen on a held-out part of the training set and its
-        test accuracy reported (the paper reports the best grid point on the validation set itself).
-    retrieval: the Oxford/Paris/Met benchmarks of Sec. 7.3 need downloads; we measure copy detection on edited
-        copies of whatever images are at hand (edits of the DISC21 benchmark that Sec. 3's dedup model was trained for).
-    pictures: the paper does not give the threshold or the sign of the first PC; see pca_rgb.
+    linear: features computed once on centre crops (no random-resized-crop / flip while training
+        the heads, the backbone never runs in the loop); the grid point is chosen on a held-out part
+        of the training set and its test accuracy reported (the paper reports the best grid point
+        on the validation set itself).
+    retrieval: the Oxford/Paris/Met benchmarks of Sec. 7.3 need downloads; we measure copy detection
+        on edited copies of whatever images are at hand (edits of the DISC21 benchmark that Sec. 3's
+        dedup model was trained for).
+    pictures: the paper gives neither the threshold nor the sign of the first PC; see
+        visualize.pca_rgb.
 
-Shape legend: B batch, N tokens (patches), D width, H heads, C classes, L learning rates, Q queries, M database images.
+Shape legend: B batch, N tokens (patches), D width, C classes, L learning rates, Q queries,
+M database images.
 """
 import io
 import json
@@ -66,11 +67,13 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 from torch.utils.data import DataLoader, Dataset
 
 import cli
+import train
 from cli import at_least, in_range, one_of
-from data import (MapDataset, build_dataset, eval_transform, extract_features, knn_classify, normalize,
-                  resize, subset)
+from data import (MapDataset, build_dataset, eval_transform, extract_features, knn_classify, resize,
+                  subset)
 from model import load_model
 from runtime import progress
+from visualize import run_attention, run_pca, to_pil, to_tensor
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -79,28 +82,27 @@ from runtime import progress
 @dataclass
 class EvalConfig:
     # --- data
-    data: str = "fashion-mnist"  # labelled train split: "fashion-mnist", a folder of IDX files,
-    #                              or image folders
+    data: str = "fashion-mnist"  # labelled train split: fashion-mnist, or a folder of IDX files or images
     test_data: str = ""  # test split; "" = build_dataset(data, train=False) (val/ or test/ in data)
-    n_train: int = 0  # (ours) k-NN / linear: a fixed random subset of this many training images; 0 = all
+    n_train: int = 0  # (ours) a fixed random subset of this many training images; 0 = all
     n_test: int = 0  # (ours) the same for the test split (studies.py evaluates many short runs)
-    image_size: int = 0  # px side fed to the backbone, a multiple of the patch size; 0 = the
-    #                      checkpoint's training size (its position embedding's), at most 224 (paper)
+    image_size: int = 0  # px side fed, a patch multiple; 0 = the training size, at most 224 (paper)
     batch_size: int = 256  # images per forward pass when extracting features (official knn.py: 256)
     num_workers: int = 0  # DataLoader workers for feature extraction
     device: str = "auto"  # "auto" = cuda when available, else cpu; or cpu, cuda, cuda:1, mps
-    seed: int = 0  # held-out split, head init, copy edits
-    out: str = ""  # folder for the results JSON and the PNGs; "" = beside the checkpoint
+    seed: int = 0  # held-out split, head init, copy edits, the baselines' network init
+    out: str = ""  # folder for the JSON and PNGs; "" = beside the checkpoint (baselines: runs)
     # --- k-NN (Sec. 6.1, protocol of DINO v1 / the released eval/knn.py)
     knn_ks: tuple = (10, 20, 100, 200)  # numbers of neighbours voting
     knn_temperature: float = 0.07  # T in the vote weights softmax(similarity / T)
+    # --- baselines (ours): k-NN of raw pixels and of a network at initialisation
+    train_preset: str = "tiny"  # train.py preset (or paper) whose untrained network is measured
     # --- linear probe (Sec. 7.1, App. B.3; values of the released eval/linear.py)
     linear_n_blocks: tuple = (1, 4)  # class tokens of the last n blocks, concatenated
     linear_lrs: tuple = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2,
                          0.1)  # the grid; each is multiplied by batch / 256
     linear_batch_size: int = 1024  # global batch: official 128 per GPU x 8 GPUs
-    linear_epochs: float = 10.0  # passes over the training features (official: 12,500 x 1,024 =
-    #                              10 ImageNet epochs), cosine decay to 0
+    linear_epochs: float = 10.0  # passes over the training features, lr cosine to 0 (official: 10)
     linear_momentum: float = 0.9  # SGD momentum, weight decay 0
     linear_val_fraction: float = 0.1  # ours: held-out part of train that picks the grid point
     # --- retrieval / copy detection (Sec. 7.3, Sec. 3)
@@ -109,10 +111,8 @@ class EvalConfig:
     retrieval_copies: int = 2  # (ours) edited copies per original and strength (the queries)
     retrieval_strengths: tuple = (0.0, 0.25, 0.5, 1.0)  # (ours) edit strength in [0,1]; 0 = a copy
     # --- pictures (Sec. 7.5)
-    picture_size: int = 0  # (ours) shorter side in px fed for pca/attention, in whole patches;
-    #                        0 = the checkpoint's training size, at most 448
-    pca_threshold: float = 0.0  # (ours; the paper gives none) foreground = first PC above this
-    #                             many standard deviations
+    picture_size: int = 0  # (ours) pca/attention: px shorter side; 0 = the training size, at most 448
+    pca_threshold: float = 0.0  # (ours; the paper has none) foreground: first PC > this many std devs
     sheet_height: int = 160  # px height of each panel of the pca and attention sheets
 
     def __post_init__(self):
@@ -128,6 +128,7 @@ class EvalConfig:
             one_of("device", self.device, ("auto",) + DEVICES)
         at_least("knn_ks", self.knn_ks, 1)
         at_least("knn_temperature", self.knn_temperature, 1e-6)
+        one_of("train_preset", self.train_preset, ("paper", *train.PRESETS))
         at_least("linear_n_blocks", self.linear_n_blocks, 1)
         at_least("linear_lrs", self.linear_lrs, 0.0)
         at_least("linear_batch_size", self.linear_batch_size, 1)
@@ -146,29 +147,36 @@ DEVICES = ("cpu", "cuda", "mps")  # torch device names; "cuda:1" is cuda's secon
 
 # Named overrides of EvalConfig for --preset, the same concept as train.PRESETS (cli.parse_config
 # reads both). The image size comes from the checkpoint, so a preset only sizes the work: "tiny" is
-# for a backbone of train.py's tiny preset on Fashion-MNIST (28 px), each command in minutes on 2 CPUs.
+# for a backbone of train.py's tiny preset on Fashion-MNIST (28 px), on a CPU.
 PRESETS = {
     # larger feature batches (28 px images are cheap), smaller sheet panels, and the lr grid goes on
-    # to 1.0 in case small features want larger steps than ImageNet's (best seen on the earlier
-    # probe, commit 2cca678: 0.2 x 256 / 256, i.e. 0.05 at batch 1,024, inside the paper's grid)
+    # to 1.0 in case small features want larger steps than ImageNet's
     "tiny": dict(batch_size=512, linear_lrs=EvalConfig.linear_lrs + (0.2, 0.5, 1.0), sheet_height=112),
 }
-COMMANDS = ("knn", "linear", "retrieval", "pca", "attention")
+COMMANDS = ("knn", "linear", "retrieval", "pca", "attention", "baselines")
+PICTURES = ("pca", "attention")  # the commands that take images
 
 
 def parse_config(argv=None):
-    """`python eval.py <command> <checkpoint> [images] --field value` -> (cfg, args) with
-    args.command, args.checkpoint, args.images. One convention for every script (cli.py)."""
+    """`python eval.py <command> [checkpoint] [images] --field value` -> (cfg, args) with
+    args.command, args.checkpoint (None for baselines), args.images. One convention for every
+    script (cli.py)."""
     positionals = [("command", "what to measure or draw", dict(choices=COMMANDS)),
-                   ("checkpoint", "anything model.load_model reads (.pth/.pt)", {}),
+                   ("checkpoint", "anything model.load_model reads (.pth/.pt); none for baselines",
+                    dict(nargs="?")),
                    ("images", "pca / attention: image files, or fashion-mnist:<test index>",
                     dict(nargs="*"))]
     cfg, args = cli.parse_config(EvalConfig, argv, presets=PRESETS, positionals=positionals,
                                  description=__doc__.split("\n\n")[0], prog="eval.py")
-    if args.command in ("pca", "attention") and not args.images:
+    if args.command == "baselines" and args.checkpoint:
+        cli.error(f"baselines takes no checkpoint, got {args.checkpoint}: it measures raw pixels "
+                  f"and the untrained network of --train_preset", "eval.py")
+    if args.command != "baselines" and not args.checkpoint:
+        cli.error(f"{args.command} needs a checkpoint (anything model.load_model reads)", "eval.py")
+    if args.command in PICTURES and not args.images:
         cli.error(f"{args.command} needs at least one image (a file, or fashion-mnist:<index>)",
                   "eval.py")
-    if args.command not in ("pca", "attention") and args.images:
+    if args.command not in PICTURES and args.images:
         cli.error(f"{args.command} takes no images, got {args.images}", "eval.py")
     return cfg, args
 
@@ -209,16 +217,22 @@ def run_knn(backbone, cfg, device):
                       device=device, num_workers=cfg.num_workers)
     train_feats, train_labels = extract(train_set)  # [Ntrain,D], L2-normalised
     test_feats, test_labels = extract(test_set)  # [Ntest,D]
-    results = knn_classify(train_feats, train_labels, test_feats, test_labels, ks=cfg.knn_ks,
-                           temperature=cfg.knn_temperature)
-    n_classes = int(train_labels.max()) + 1
+    return {"n_train": len(train_feats), "n_test": len(test_feats), "n_classes": int(train_labels.max()) + 1,
+            "knn": knn_rows((train_feats, train_labels), (test_feats, test_labels), cfg)}
+
+
+def knn_rows(train_split, test_split, cfg):
+    """(feats [N,D] L2-normalised, labels [N]) of each split -> [{"k", "top1", "top5"}] for each of
+    cfg.knn_ks, in %."""
+    results = knn_classify(*train_split, *test_split, ks=cfg.knn_ks, temperature=cfg.knn_temperature)
+    n_classes = int(train_split[1].max()) + 1
     rows = []
     for k in cfg.knn_ks:
         row = {"k": k, "top1": results[k]["top1"]}
         if n_classes > 5:  # top-5 of 5 classes or fewer is 100% by construction
             row["top5"] = results[k]["top5"]
         rows.append(row)
-    return {"n_train": len(train_feats), "n_test": len(test_feats), "n_classes": n_classes, "knn": rows}
+    return rows
 
 
 def load_splits(cfg):
@@ -249,6 +263,47 @@ def shared_class_index(train_set, test_set):
     only_test = sorted(set(test_classes) - set(train_classes))
     print(f"note: train and test class folders differ; labels follow the union of {len(union)} "
           f"names (only in train: {only_train or 'none'}; only in test: {only_test or 'none'})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Baselines (ours): what k-NN reaches with no pretraining, on the same splits and at the same image size
+# ---------------------------------------------------------------------------------------------------------------
+def initial_backbone(cfg):
+    """The teacher backbone of train.py's preset cfg.train_preset as a run with seed cfg.seed starts:
+    train.build_student_teacher after torch.manual_seed."""
+    train_cfg = replace(train.Config(**train.PRESETS.get(cfg.train_preset, {})), seed=cfg.seed)
+    torch.manual_seed(train_cfg.seed)
+    _, teacher, _ = train.build_student_teacher(train_cfg)
+    return teacher.backbone
+
+
+def pixel_features(dataset, size):
+    """Raw pixels as features: each image [3,H,W] in [0,1] at size x size px (resized if it is not),
+    flattened and L2-normalised, so that k-NN compares them by cosine as it compares class tokens.
+    A grey image's three equal channels give the cosine of its grey pixels.
+    -> (feats [N,3*size*size], labels [N]); on a large image set, --n_train / --n_test bound N.
+    """
+    feats = torch.empty(len(dataset), 3 * size * size)
+    labels = torch.empty(len(dataset), dtype=torch.long)
+    for i in range(len(dataset)):
+        img, labels[i] = dataset[i]
+        feats[i] = resize(img, (size, size)).flatten()  # [3,size,size] -> [3*size*size]
+    return F.normalize(feats, dim=-1), labels
+
+
+def run_baselines(backbone, cfg, device):
+    """k-NN of raw pixels and of `backbone` (the untrained network, initial_backbone) -> rows per k."""
+    train_set, test_set = load_splits(cfg)
+    check_image_size(backbone, cfg.image_size)
+    features = {"raw pixels": partial(pixel_features, size=cfg.image_size),
+                f"{cfg.train_preset} at init": partial(
+                    extract_features, backbone, image_size=cfg.image_size, batch_size=cfg.batch_size,
+                    device=device, num_workers=cfg.num_workers)}
+    rows = []
+    for name, extract in features.items():
+        splits = extract(train_set), extract(test_set)  # (feats [N,D], labels [N]) each
+        rows += [{"features": name, **row} for row in knn_rows(*splits, cfg)]
+    return {"n_train": len(train_set), "n_test": len(test_set), "knn": rows}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -410,16 +465,6 @@ def make_copy(img, strength, rng):
     return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
 
 
-def to_pil(img):
-    """[3,H,W] float in [0,1] -> PIL RGB."""
-    return Image.fromarray((img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
-
-
-def to_tensor(pil):
-    """PIL -> [3,H,W] float in [0,1]."""
-    return torch.from_numpy(np.asarray(pil.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
-
-
 class ListDataset(Dataset):
     """(image [3,H,W] in [0,1], label) pairs held in memory, the format extract_features expects."""
 
@@ -469,184 +514,6 @@ def run_retrieval(backbone, cfg, device):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Pictures (Sec. 7.5): PCA of patch features as RGB, class-token attention per head; PNGs at the image's size
-# ---------------------------------------------------------------------------------------------------------------
-def fed_size(height, width, short_side, patch):
-    """(h, w) px fed to the backbone: shorter side -> short_side, aspect kept, both rounded to whole patches."""
-    scale = short_side / min(height, width)
-    return (max(patch, round(height * scale / patch) * patch), max(patch, round(width * scale / patch) * patch))
-
-
-def load_picture(path):
-    """An image file, or "fashion-mnist:<i>" for test image i of Fashion-MNIST -> [3,H,W] in [0,1]."""
-    if str(path).startswith("fashion-mnist:"):
-        return build_dataset("fashion-mnist", train=False)[int(str(path).split(":")[1])][0]
-    with Image.open(path) as im:
-        return to_tensor(im)
-
-
-def picture_name(path):
-    return Path(str(path).replace(":", "_")).stem  # fashion-mnist:19 -> fashion-mnist_19
-
-
-def prepare_picture(img, short_side, patch):
-    """[3,H,W] in [0,1] -> normalised [1,3,h,w] with h, w multiples of the patch size (said, not silent)."""
-    h, w = fed_size(*img.shape[-2:], short_side, patch)
-    print(f"{tuple(img.shape[-2:])} px image fed at {h}x{w} px = {h // patch}x{w // patch} patches of {patch} px")
-    return normalize(resize(img, (h, w)))[None]
-
-
-@torch.no_grad()
-def patch_grid(backbone, x):
-    """x [1,3,h,w] -> final-norm patch tokens as a grid [h/p, w/p, D] (x_norm_patchtokens, row-major)."""
-    p = backbone.patch_size
-    tokens = backbone.forward_features(x)["x_norm_patchtokens"][0]  # [N,D]
-    return tokens.reshape(x.shape[-2] // p, x.shape[-1] // p, -1).float().cpu()  # [N,D] -> [h,w,D]
-
-
-def principal_components(x, k):
-    """x [M,D] -> projections on the first k principal components [M,k] (sign as SVD returns it)."""
-    x = x - x.mean(0)
-    _, _, v = torch.linalg.svd(x, full_matrices=False)  # rows of v: components, by decreasing variance
-    return x @ v[:k].T  # [M,D] @ [D,k] -> [M,k]
-
-
-def pca_rgb(grids, threshold=0.0):
-    """The paper's PCA picture for a set of images (Sec. 7.5): one PCA over the patches of all images; patches whose
-    first component exceeds `threshold` standard deviations are foreground; a second PCA over the foreground only
-    gives three components, min-max scaled to [0,1] as RGB; background black. The sign of a component is arbitrary:
-    the first is flipped so that image borders are mostly background (objects rarely fill the frame).
-    grids: list of [h,w,D] -> list of ([h,w,3] in [0,1], foreground [h,w] bool)."""
-    flat = torch.cat([g.flatten(0, 1) for g in grids])  # [M,D], M = all patches of all images
-    border = torch.cat([_border_mask(*g.shape[:2]).flatten() for g in grids])  # [M]
-    pc1 = principal_components(flat, 1)[:, 0]
-    pc1 = pc1 / pc1.std().clamp_min(1e-8)
-    if (pc1[border] > threshold).float().mean() > 0.5:
-        pc1 = -pc1
-    fg = pc1 > threshold
-    if fg.sum() < 3:  # nothing stands out (e.g. a uniform image): colour every patch
-        fg = torch.ones_like(fg)
-    rgb = torch.zeros(len(flat), 3)
-    comps = principal_components(flat[fg], 3)  # [Mfg,3]
-    lo, hi = comps.min(0).values, comps.max(0).values
-    rgb[fg, :comps.shape[1]] = (comps - lo) / (hi - lo).clamp_min(1e-8)
-    out, start = [], 0
-    for g in grids:
-        h, w = g.shape[:2]
-        out.append((rgb[start:start + h * w].reshape(h, w, 3), fg[start:start + h * w].reshape(h, w)))
-        start += h * w
-    return out
-
-
-def _border_mask(h, w):
-    m = torch.zeros(h, w, dtype=torch.bool)
-    m[0], m[-1], m[:, 0], m[:, -1] = True, True, True, True
-    return m
-
-
-@torch.no_grad()
-def cls_attention(backbone, x):
-    """x [1,3,h,w] -> attention of the class token to every patch, per head of the last block [H, h/p, w/p]
-    (registers dropped: the token order is cls, registers, patches)."""
-    p, r = backbone.patch_size, backbone.num_register_tokens
-    attn = backbone.get_last_selfattention(x)[0]  # [H,1+R+N,1+R+N]
-    return attn[:, 0, 1 + r:].reshape(-1, x.shape[-2] // p, x.shape[-1] // p).float().cpu()  # [H,N] -> [H,h,w]
-
-
-def upsample(grid, height, width):
-    """[h,w,C] patch grid -> [height,width,C], nearest: each patch stays a visible block of the image's size."""
-    return F.interpolate(grid.permute(2, 0, 1)[None], size=(height, width), mode="nearest")[0].permute(1, 2, 0)
-
-
-def heat(m):
-    """[h,w] -> [h,w,3] black-red-yellow-white colour map of the min-max scaled values."""
-    m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-8)
-    return torch.stack([(3 * m).clamp(0, 1), (3 * m - 1).clamp(0, 1), (3 * m - 2).clamp(0, 1)], dim=-1)
-
-
-def save_png(rgb, path):
-    """[H,W,3] in [0,1] -> PNG."""
-    Image.fromarray((rgb.clamp(0, 1) * 255).round().byte().numpy()).save(path)
-    return str(path)
-
-
-def run_pca(backbone, cfg, device, images, out_dir):
-    pictures = [load_picture(p) for p in images]
-    grids = [patch_grid(backbone, prepare_picture(img, cfg.picture_size, backbone.patch_size).to(device))
-             for img in pictures]
-    written, pcas = [], []
-    for path, img, (rgb, fg) in zip(images, pictures, pca_rgb(grids, cfg.pca_threshold)):
-        pcas.append(upsample(rgb, *img.shape[-2:]))  # [H,W,3], the image's own size
-        written.append(save_png(pcas[-1], out_dir / f"{picture_name(path)}_pca.png"))
-        print(f"{written[-1]}: foreground {100 * fg.float().mean():.0f}% of patches")
-    sheet = pca_sheet(pictures, pcas, cfg.sheet_height)
-    return {"pngs": written, "sheet": save_png(sheet, out_dir / f"{picture_name(images[0])}_pca_sheet.png")}
-
-
-def pca_sheet(pictures, pcas, height):
-    """Inputs on top, their PCA pictures below, each `height` px tall, aspect kept (as in Fig. 1)."""
-    # side by side: [height, sum of the widths, 3]
-    top = torch.cat([scale_to_height(p.permute(1, 2, 0), height) for p in pictures], dim=1)
-    bottom = torch.cat([scale_to_height(p, height) for p in pcas], dim=1)
-    return torch.cat([top, bottom], dim=0)  # [2*height, sum W, 3]
-
-
-def scale_to_height(rgb, height):
-    """[H,W,3] -> [height, W*height/H, 3]. Small images are enlarged with nearest (pixels and
-    patches stay sharp), large ones shrunk with antialiasing."""
-    h, w = rgb.shape[:2]
-    size, x = (height, max(1, round(w * height / h))), rgb.permute(2, 0, 1)[None]  # [1,3,H,W]
-    if h < height:
-        x = F.interpolate(x, size=size, mode="nearest")
-    else:
-        x = F.interpolate(x, size=size, mode="bilinear", antialias=True)
-    return x[0].permute(1, 2, 0).clamp(0, 1)
-
-
-def overlay(img, attention):
-    """The attention map [h,w] (patch grid) as a heat map over the grey image [3,H,W]: where the
-    class token looks is bright and coloured, the rest keeps the image's shapes, dimmed."""
-    grey = img.mean(0, keepdim=True).expand(3, -1, -1).permute(1, 2, 0)  # [H,W,3]
-    hot = upsample(heat(attention), *img.shape[-2:])  # [h,w,3] -> [H,W,3]
-    return 0.5 * grey + 0.5 * hot
-
-
-def attention_sheet(img, maps, height, columns=8):
-    """One picture per image: the input, the mean over heads and each head of the last block,
-    overlaid on the input, every panel `height` px tall with a caption above it, at most `columns`
-    panels per row (the DINO v1 Fig. 1 kind of picture, with the image under the maps)."""
-    panels = [("input", img.permute(1, 2, 0)),
-              (f"mean of {len(maps)} heads", overlay(img, maps.mean(0)))]
-    panels += [(f"head {h}", overlay(img, m)) for h, m in enumerate(maps)]
-    rows = math.ceil(len(panels) / columns)
-    columns = math.ceil(len(panels) / rows)  # balanced rows: 14 panels -> 2 rows of 7
-    caption, gap = 16, 4
-    tiles = [(name, scale_to_height(rgb, height)) for name, rgb in panels]
-    width = tiles[0][1].shape[1]
-    size = (columns * (width + gap) + gap, rows * (height + caption + gap) + gap)
-    sheet = Image.new("RGB", size, (40, 40, 40))  # dark grey gaps
-    draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default(size=12)
-    for i, (name, tile) in enumerate(tiles):
-        x, y = gap + (i % columns) * (width + gap), gap + (i // columns) * (height + caption + gap)
-        draw.text((x + 2, y + 1), name, fill=(235, 235, 235), font=font)
-        sheet.paste(Image.fromarray((tile * 255).round().byte().numpy()), (x, y + caption))
-    return sheet
-
-
-def run_attention(backbone, cfg, device, images, out_dir):
-    written = []
-    for path in images:
-        img = load_picture(path)
-        x = prepare_picture(img, cfg.picture_size, backbone.patch_size).to(device)
-        maps = cls_attention(backbone, x)  # [H,h,w]
-        written.append(str(out_dir / f"{picture_name(path)}_attention.png"))
-        attention_sheet(img, maps, cfg.sheet_height).save(written[-1])
-        print(f"{written[-1]}: input, mean over {len(maps)} heads, each head of the last block")
-    return {"pngs": written}
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Main: load, run one command, print a table, write JSON beside the checkpoint
 # ---------------------------------------------------------------------------------------------------------------
 def print_table(rows):
@@ -662,13 +529,15 @@ def print_table(rows):
 
 def main(argv=None):
     cfg, args = parse_config(argv)
-    checkpoint = Path(args.checkpoint)
-    out_dir = Path(cfg.out) if cfg.out else checkpoint.parent
+    checkpoint = Path(args.checkpoint) if args.checkpoint else None  # None: baselines
+    out_dir = Path(cfg.out or (checkpoint.parent if checkpoint else "runs"))
     check_writable(out_dir)  # before the work, not after it
-    backbone = load_backbone(checkpoint)
+    backbone = load_backbone(checkpoint) if checkpoint else initial_backbone(cfg)
     settings = cli.describe_overrides(cfg, args.preset, PRESETS, EvalConfig)
-    cfg = default_sizes(cfg, backbone)  # derived from the checkpoint, printed in the config line
-    print(f"eval.py {args.command} {checkpoint}: {settings}; trained at {trained_size(backbone)} px")
+    cfg = default_sizes(cfg, backbone)  # derived from the backbone, printed in the config line
+    what = (f"{checkpoint}: {settings}; trained at" if checkpoint else
+            f"train.py preset {cfg.train_preset} at initialisation: {settings}; built for")
+    print(f"eval.py {args.command} {what} {trained_size(backbone)} px")
     print(f"config: {json.dumps(asdict(cfg))}")
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
@@ -685,15 +554,19 @@ def main(argv=None):
     elif args.command == "retrieval":
         results = run_retrieval(backbone, cfg, device)
         print_table(results["retrieval"])
+    elif args.command == "baselines":
+        results = run_baselines(backbone, cfg, device)
+        print_table(results["knn"])
     elif args.command == "pca":
         results = run_pca(backbone, cfg, device, args.images, out_dir)
     else:
         results = run_attention(backbone, cfg, device, args.images, out_dir)
     seconds = time.time() - start
     print(f"{args.command} took {seconds:.1f} s on {device}")
-    json_path = out_dir / f"{checkpoint.stem}_eval_{args.command}.json"
-    record = {"command": args.command, "checkpoint": str(checkpoint), "preset": args.preset,
-              "config": asdict(cfg), "seconds": seconds, "results": results}
+    stem = checkpoint.stem if checkpoint else f"{cfg.train_preset}_init"
+    json_path = out_dir / f"{stem}_eval_{args.command}.json"
+    record = {"command": args.command, "checkpoint": str(checkpoint) if checkpoint else None,
+              "preset": args.preset, "config": asdict(cfg), "seconds": seconds, "results": results}
     json_path.write_text(json.dumps(record, indent=1))
     print(f"results -> {json_path}")
     return results

@@ -1,12 +1,13 @@
-"""Tests for eval.py: k-NN votes, the linear-probe grid, retrieval metrics, pictures, and feature parity.
+"""Tests for eval.py: k-NN votes, the baselines, the linear-probe grid, retrieval metrics, feature parity
+and the command line. The pictures (pca / attention) are tested in test_visualize.py.
 
-Run: python -m pytest -q tests/test_eval.py   (CPU, ~1 minute on 2 cores). The real-photo test uses Debian's
-opencv-doc sample images (`apt-get install opencv-doc`) and skips cleanly without them.
+Run: python -m pytest -q tests/test_eval.py   (CPU)
 """
+import gzip
 import inspect
 import json
 import random
-from pathlib import Path
+import struct
 
 import numpy as np
 import pytest
@@ -15,10 +16,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import eval as ev
+import train
+from data import FashionMNIST, eval_transform, extract_features, knn_classify
 from model import DinoVisionTransformer
-from data import eval_transform, extract_features, knn_classify
-
-OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -85,6 +85,57 @@ def test_knn_votes_are_softmax_of_similarity_over_temperature():
     assert knn_classify(train_x, train_y, query, target, ks=(3,), temperature=0.07)[3]["top1"] == 100.0
     assert knn_classify(train_x, train_y, query, target, ks=(3,), temperature=1.0)[3]["top1"] == 0.0
     assert knn_classify(train_x, train_y, query, target, ks=(1,), temperature=1.0)[1]["top1"] == 100.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Baselines: raw pixels and train.py's network at initialisation, on a small IDX set
+# ---------------------------------------------------------------------------------------------------------------
+def write_idx(path, arr):
+    arr = np.asarray(arr, dtype=np.uint8)
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+                + arr.tobytes())
+
+
+def idx_folder(folder):
+    """A 64-image train / 32-image test set in Fashion-MNIST's IDX format, 4 classes of brightness."""
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    for split, n in (("train", 64), ("t10k", 32)):
+        labels = np.arange(n) % 4
+        images = rng.integers(0, 60, (n, 28, 28)) + 50 * labels[:, None, None]  # [n,28,28] in [0,210)
+        write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+def test_baselines_are_knn_of_raw_pixels_and_of_the_untrained_tiny_network(tmp_path):
+    data = idx_folder(tmp_path / "idx")
+    res = ev.main(["baselines", "--data", str(data), "--knn_ks", "5,20", "--out", str(tmp_path / "out")])
+    top1 = {(r["features"], r["k"]): r["top1"] for r in res["knn"]}
+    assert set(top1) == {(f, k) for f in ("raw pixels", "tiny at init") for k in (5, 20)}
+    train_set, test_set = FashionMNIST(str(data), train=True), FashionMNIST(str(data), train=False)
+    # raw pixels: the stored uint8 images, flattened and compared by cosine
+    raw = lambda ds: (F.normalize(torch.from_numpy(ds.images).float().flatten(1), dim=-1),
+                      torch.from_numpy(ds.labels))
+    expected = knn_classify(*raw(train_set), *raw(test_set), ks=(5, 20), temperature=0.07)
+    assert [top1["raw pixels", k] for k in (5, 20)] == [expected[k]["top1"] for k in (5, 20)]
+    # the network: train.py's tiny teacher as a run with seed 0 starts, at its 28-px crop size
+    torch.manual_seed(0)
+    _, teacher, _ = train.build_student_teacher(train.Config(**train.PRESETS["tiny"]))
+    train_feats, test_feats = (extract_features(teacher.backbone, ds, 28) for ds in (train_set, test_set))
+    expected = knn_classify(*train_feats, *test_feats, ks=(5, 20), temperature=0.07)
+    assert [top1["tiny at init", k] for k in (5, 20)] == [expected[k]["top1"] for k in (5, 20)]
+    saved = json.loads((tmp_path / "out" / "tiny_init_eval_baselines.json").read_text())
+    assert saved["checkpoint"] is None and saved["results"] == res and saved["config"]["image_size"] == 28
+
+
+def test_pixel_features_are_resized_flattened_and_unit_length():
+    images = [torch.rand(3, 20, 30), torch.rand(3, 14, 14)]
+    feats, labels = ev.pixel_features(ev.ListDataset(images, [1, 0]), 14)
+    assert feats.shape == (2, 3 * 14 * 14) and labels.tolist() == [1, 0]
+    torch.testing.assert_close(feats.norm(dim=1), torch.ones(2))
+    torch.testing.assert_close(feats[1], F.normalize(images[1].flatten(), dim=0))  # 14 px: not resized
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,78 +213,6 @@ def test_retrieval_identical_copies_are_found_and_heavy_edits_are_harder(fixture
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Pictures: sizes, and the PCA foreground on a made-up case
-# ---------------------------------------------------------------------------------------------------------------
-def test_fed_size_keeps_aspect_in_whole_patches():
-    assert ev.fed_size(480, 640, 448, 14) == (448, 602)
-    assert ev.fed_size(28, 28, 28, 4) == (28, 28)
-    h, w = ev.fed_size(426, 535, 224, 14)
-    assert h % 14 == 0 and w % 14 == 0 and abs(w / h - 535 / 426) < 14 / h
-
-
-def test_pca_foreground_is_the_object_not_the_border():
-    # 6x8 grid: background patches share one feature, a 2x3 object in the middle another (+ small noise)
-    g = torch.Generator().manual_seed(0)
-    grid = torch.zeros(6, 8, 16)
-    grid[:, :, 0] = 1.0
-    grid[2:4, 3:6, 0], grid[2:4, 3:6, 1] = 0.0, 1.0
-    grid += 0.01 * torch.randn(6, 8, 16, generator=g)
-    (rgb, fg), = ev.pca_rgb([grid])
-    expected = torch.zeros(6, 8, dtype=torch.bool)
-    expected[2:4, 3:6] = True
-    assert torch.equal(fg, expected)
-    assert rgb[~fg].abs().max() == 0 and rgb.shape == (6, 8, 3) and rgb.max() <= 1
-
-
-def run_pictures(model_args, state_dict, tmp_path, image_paths):
-    ckpt = save_train_checkpoint(model_args, state_dict, tmp_path / "ckpt.pth")
-    pca = ev.main(["pca", str(ckpt), *map(str, image_paths), "--picture_size", "56", "--out", str(tmp_path)])
-    attn = ev.main(["attention", str(ckpt), str(image_paths[0]), "--picture_size", "56", "--out", str(tmp_path)])
-    assert json.loads((tmp_path / "ckpt_eval_pca.json").read_text())["results"]["pngs"] == pca["pngs"]
-    return pca["pngs"], attn["pngs"]
-
-
-def test_pca_and_attention_pngs_have_the_image_size(fixture_vit, tmp_path):
-    _, model_args, state_dict = fixture_vit
-    paths = []
-    for i, (h, w) in enumerate([(50, 75), (64, 40)]):  # one landscape, one portrait
-        paths.append(tmp_path / f"pic{i}.png")
-        ev.save_png(smooth_picture(h, w, seed=i).permute(1, 2, 0), paths[-1])
-    pca, attn = run_pictures(model_args, state_dict, tmp_path, paths)
-    assert [Image.open(p).size for p in pca] == [(75, 50), (40, 64)]  # PIL sizes are (width, height)
-    assert Image.open(tmp_path / "pic0_pca_sheet.png").size == (240 + 100, 2 * 160)  # 160 px rows, aspect kept
-    # one attention sheet: input, mean, 4 heads = 6 panels of 240x160 (+16 px caption), 4 px gaps
-    assert len(attn) == 1 and Image.open(attn[0]).size == (6 * (240 + 4) + 4, 160 + 16 + 2 * 4)
-
-
-def test_released_layout_bare_state_dict_without_sidecar(tmp_path):
-    # dinov2_vits14_pretrain.pth is a bare state dict; the architecture is read off its shapes (64-wide heads)
-    torch.manual_seed(0)
-    vit = DinoVisionTransformer(img_size=56, patch_size=14, embed_dim=128, depth=2, num_heads=2, init_values=1.0)
-    torch.save(vit.state_dict(), tmp_path / "hub_like.pth")
-    ev.save_png(smooth_picture(30, 45).permute(1, 2, 0), tmp_path / "pic.png")
-    res = ev.main(["attention", str(tmp_path / "hub_like.pth"), str(tmp_path / "pic.png"), "--picture_size", "28"])
-    assert len(res["pngs"]) == 1
-    # input, mean, 2 heads: 4 panels of 240 x 160 px
-    assert Image.open(res["pngs"][0]).size == (4 * (240 + 4) + 4, 160 + 16 + 8)
-
-
-def test_fashion_mnist_pictures_by_index(fashion_mnist_dir):
-    assert ev.load_picture("fashion-mnist:19").shape == (3, 28, 28)
-    assert ev.picture_name("fashion-mnist:19") == "fashion-mnist_19" and ev.picture_name("a/b.jpg") == "b"
-
-
-def test_pca_and_attention_pngs_on_a_real_photo(fixture_vit, tmp_path):
-    photo = OPENCV_DATA / "squirrel_cls.jpg"
-    if not photo.exists():
-        pytest.skip("real photos come with Debian's opencv-doc: apt-get install opencv-doc")
-    _, model_args, state_dict = fixture_vit
-    pca, attn = run_pictures(model_args, state_dict, tmp_path, [photo])
-    size = Image.open(photo).size
-    assert Image.open(pca[0]).size == size and len(attn) == 1
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Parity: eval.py's features are forward_features' outputs on the same preprocessed input (no silent resize)
 # ---------------------------------------------------------------------------------------------------------------
 def test_features_equal_forward_features(fixture_vit):
@@ -251,19 +230,6 @@ def test_features_equal_forward_features(fixture_vit):
     assert labels.tolist() == [0, 1, 2]
     feats, _ = extract_features(model, dataset, 56, batch_size=2)  # what knn and retrieval use
     torch.testing.assert_close(feats, F.normalize(ref["x_norm_clstoken"], dim=-1), atol=1e-5, rtol=1e-5)
-    # pictures: fed at a patch multiple with the aspect kept, patch grid = x_norm_patchtokens row-major
-    xp = ev.prepare_picture(images[0], 56, model.patch_size)
-    assert xp.shape == (1, 3, 56, 70)
-    grid = ev.patch_grid(model, xp)
-    with torch.no_grad():
-        ref_patches = model.forward_features(xp)["x_norm_patchtokens"][0]
-    torch.testing.assert_close(grid, ref_patches.reshape(4, 5, -1), atol=1e-5, rtol=1e-5)
-    attn = ev.cls_attention(model, xp)
-    assert attn.shape == (model_heads(model), 4, 5) and (attn > 0).all()
-
-
-def model_heads(model):
-    return model.blocks[-1].attn.num_heads
 
 
 def test_image_size_must_tile_into_patches(fixture_vit):
@@ -288,9 +254,16 @@ def test_cli_overrides_presets_and_unknown_keys(capsys):
         with pytest.raises(SystemExit) as e:
             ev.parse_config(["knn", "c.pth", *argv])
         assert e.value.code == 2 and message in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        ev.parse_config(["pca", "c.pth"])  # pictures need images
-    assert e.value.code == 2 and "pca needs at least one image" in capsys.readouterr().err
+    for argv, message in [(["pca", "c.pth"], "pca needs at least one image"),
+                          (["knn"], "knn needs a checkpoint"),
+                          (["baselines", "c.pth"], "baselines takes no checkpoint, got c.pth"),
+                          (["baselines", "--train_preset", "vit_x"],
+                           "--train_preset: vit_x is not allowed; allowed: paper, vit_s")]:
+        with pytest.raises(SystemExit) as e:
+            ev.parse_config(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    cfg, args = ev.parse_config(["baselines", "--train_preset", "vit_s"])
+    assert args.checkpoint is None and cfg.train_preset == "vit_s"
 
 
 def test_cli_knn_and_linear_on_a_folder(fixture_vit, tmp_path, capsys):
@@ -405,18 +378,3 @@ def test_linear_probe_trains_the_official_number_of_epochs():
     assert ev.linear_iterations(1_281_167, 10, 1024) == 12_512
     assert ev.linear_iterations(54_000, 10, 1024) == 528  # Fashion-MNIST minus the held-out 10%
     assert ev.linear_iterations(20, 10, 1024) == 10  # fewer features than a batch: 1 per epoch
-
-
-def test_attention_sheet_shows_input_mean_and_heads():
-    img = smooth_picture(28, 28)
-    maps = torch.zeros(3, 4, 4)
-    maps[:, 1, 2] = 1.0  # every head looks at one patch
-    sheet = np.asarray(ev.attention_sheet(img, maps, height=112), dtype=np.float32) / 255
-    assert sheet.shape == (112 + 16 + 8, 5 * (112 + 4) + 4, 3)  # input, mean, 3 heads
-    panel = lambda i: sheet[4 + 16:4 + 16 + 112, 4 + i * 116:4 + i * 116 + 112]  # [112,112,3]
-    expected_input = F.interpolate(img[None], size=(112, 112), mode="nearest")[0]  # [3,112,112]
-    expected_input = expected_input.permute(1, 2, 0).numpy()
-    assert np.abs(panel(0) - expected_input).max() < 1 / 255 + 1e-6  # the input itself
-    for i in range(1, 5):  # the attended patch (row 1, column 2 of 4x4 blocks) is the brightest
-        brightness = panel(i).mean(-1)
-        assert brightness[28:56, 56:84].mean() > brightness.mean() + 0.2
