@@ -23,6 +23,7 @@ Datasets: Fashion-MNIST from its IDX files (Debian package dataset-fashion-mnist
 Shape legend: B batch, N patches per crop, C classes, G / L global / local crop size in pixels.
 """
 import argparse
+import contextlib
 import gzip
 import multiprocessing
 import os
@@ -32,10 +33,12 @@ from functools import partial
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from download import FASHION_MNIST_DIR, fashion_mnist_root
+from losses import ibot_mask_weights
 from runtime import progress
 
 
@@ -198,19 +201,35 @@ class MapDataset(Dataset):
 
 
 @torch.no_grad()
-def extract_features(backbone, dataset, image_size, batch_size=256, device="cpu", num_workers=0):
-    """-> (feats float32 [N,D] L2-normalised class tokens (x_norm_clstoken), labels int64 [N]) on the CPU."""
+def extract_features(backbone, dataset, image_size, batch_size=256, device="cpu", num_workers=0, all_ranks=False):
+    """-> (feats float32 [N,D] L2-normalised class tokens (x_norm_clstoken), labels int64 [N]) on the CPU.
+    all_ranks: under torchrun each rank embeds an equal share (the last one padded, so that FSDP2's collectives
+    line up) and the shares are all-gathered: every rank gets what one process would."""
     was_training = backbone.training
     backbone.eval()
+    n, world = len(dataset), dist.get_world_size() if all_ranks and dist.is_initialized() else 1
+    share = -(-n // world)  # ceil
+    if world > 1:  # rank r: items [r * share, (r + 1) * share), the last index repeated past the end
+        first = dist.get_rank() * share
+        dataset = Subset(dataset, [min(i, n - 1) for i in range(first, first + share)])
     loader = DataLoader(MapDataset(dataset, partial(eval_transform, size=image_size)), batch_size=batch_size,
                         shuffle=False, num_workers=num_workers)
     feats, labels = [], []
     for x, y in progress(loader, desc="features", leave=False, disable=len(loader) < 2):
         f = backbone(x.to(device, non_blocking=True))  # [B,D]
-        feats.append(F.normalize(f.float(), dim=-1).cpu())
-        labels.append(y)
+        feats.append(F.normalize(f.float(), dim=-1))
+        labels.append(y.to(f.device))
     backbone.train(was_training)
-    return torch.cat(feats), torch.cat(labels).long()
+    feats, labels = torch.cat(feats), torch.cat(labels).long()
+    if world > 1:  # [share,D] per rank -> [world*share,D] in rank order, padding dropped
+        feats, labels = (torch.cat(_all_gather(t))[:n] for t in (feats, labels))
+    return feats.cpu(), labels.cpu()
+
+
+def _all_gather(t):
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return out
 
 
 def subset(dataset, n, seed=0):
@@ -242,6 +261,19 @@ def knn_classify(train_feats, train_labels, test_feats, test_labels, ks=(20,), t
     return {k: {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n} for k, (c1, c5) in correct.items()}
 
 
+def knn_eval(backbone, splits, image_size, device, autocast=None, train_size=None, num_workers=0):
+    """Weighted k-NN top-1 (k=20, T=0.07, DINO v1 protocol) of `backbone` on splits = (train, held-out), in %.
+    train_size: a fixed random subset of the training images (None: all). Under torchrun the ranks share the
+    feature extraction (extract_features(all_ranks=True)), so every rank must call it."""
+    train_set, test_set = subset(splits[0], train_size), splits[1]
+    with autocast or contextlib.nullcontext():
+        train = extract_features(backbone, train_set, image_size, device=device, num_workers=num_workers,
+                                 all_ranks=True)
+        test = extract_features(backbone, test_set, image_size, device=device, num_workers=num_workers,
+                                all_ranks=True)
+    return knn_classify(*train, *test, ks=(20,), temperature=0.07)[20]["top1"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Multi-crop augmentation (Sec. 4 and App. B; DINO v1 Sec. 3.1) and iBOT block masking, batched in torch
 # ---------------------------------------------------------------------------------------------------------------
@@ -251,19 +283,23 @@ def knn_classify(train_feats, train_labels, test_feats, test_labels, ks=(20,), t
 # Randomness is per sample: sample j of the global batch of step t draws its numbers from a generator seeded by
 # (seed, t, j), whatever rank, micro-batch or worker it lands in. So 1 GPU with accumulation, 2 GPUs and 8 GPUs
 # train on the same crops, and resuming on another number of GPUs continues the same stream.
-DRAWS_PER_CROP = 36  # uniform numbers one crop of one image uses (crop box 22, flip 1, jitter 9, gray 1, blur 2,
-#                      solarize 1); fixed, so the draws of a crop never depend on what an earlier op decided
+# The uniform numbers one crop of one image draws, by operation, in a fixed order. They are drawn slot-major
+# ([sum of the widths, crops] per sample), so a new augmentation added at the end of this table gets new numbers
+# and every existing draw stays the same; and no draw depends on what an earlier operation decided.
+CROP_DRAWS = {"box": 22, "flip": 1, "jitter": 9, "gray": 1, "blur": 2, "solarize": 1}
+DRAWS_PER_CROP = sum(CROP_DRAWS.values())
 
 
 class Draws:
-    """Per-image uniform numbers in [0, 1), handed out a few columns at a time: u [B, n] -> take(k) [B, k]."""
+    """Per-image uniform numbers of one crop, handed out by operation: u [B, DRAWS_PER_CROP] -> take(op) [B, k]."""
 
     def __init__(self, u):
-        self.u, self.used = torch.as_tensor(u, dtype=torch.float64), 0
+        self.u = torch.as_tensor(u, dtype=torch.float64)
+        ends = np.cumsum(list(CROP_DRAWS.values()))
+        self.columns = {op: slice(end - k, end) for (op, k), end in zip(CROP_DRAWS.items(), ends)}
 
-    def take(self, k):
-        self.used += k
-        return self.u[:, self.used - k:self.used]
+    def take(self, op):
+        return self.u[:, self.columns[op]]
 
 
 def sample_crop_boxes(u, heights, widths, scale, ratio=(3 / 4, 4 / 3), attempts=10):
@@ -366,15 +402,14 @@ def augment_crops(images, u, size, scale, blur_p, solarize_p=0.0, blur_sigma=(0.
     draws = Draws(u)
     heights = np.array([im.shape[1] for im in images])
     widths = np.array([im.shape[2] for im in images])
-    top, left, h, w = sample_crop_boxes(draws.take(22), heights, widths, scale)
+    top, left, h, w = sample_crop_boxes(draws.take("box"), heights, widths, scale)
     x = torch.cat([resize(im[:, t:t + hh, l:l + ww].unsqueeze(0), (size, size))
                    for im, t, l, hh, ww in zip(images, top, left, h, w)])  # [B,3,size,size]
-    flip = draws.take(1)[:, 0] < 0.5
+    flip = draws.take("flip")[:, 0] < 0.5
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-    x = random_grayscale(color_jitter(x, draws.take(9)), draws.take(1))
-    x = gaussian_blur(x, draws.take(2), blur_p, blur_sigma)
-    x = solarize(x, draws.take(1), solarize_p)
-    assert draws.used == DRAWS_PER_CROP
+    x = random_grayscale(color_jitter(x, draws.take("jitter")), draws.take("gray"))
+    x = gaussian_blur(x, draws.take("blur"), blur_p, blur_sigma)
+    x = solarize(x, draws.take("solarize"), solarize_p)
     return normalize(x)
 
 
@@ -451,7 +486,7 @@ class MultiCropCollate:
         global_batch = self.global_batch or len(items)  # None: the batch is the whole global batch (tests)
         rngs = [np.random.default_rng([self.seed, steps[0], j]) for j in positions]  # one stream per sample
         n_crops = 2 + self.n_local
-        u = torch.from_numpy(np.stack([rng.random((n_crops, DRAWS_PER_CROP)) for rng in rngs]))  # [B,crops,36]
+        u = torch.from_numpy(np.stack([rng.random((DRAWS_PER_CROP, n_crops)).T for rng in rngs]))  # [B,crops,36]
         G, L = self.global_size, self.local_size
         crop = partial(augment_crops, images, blur_sigma=self.blur_sigma)
         global_crops = torch.cat([crop(u[:, 0], G, self.global_scale, blur_p=1.0),
@@ -461,10 +496,9 @@ class MultiCropCollate:
         plan = mask_plan(self.seed, steps[0], 2 * global_batch, self.mask_ratio, self.mask_probability)
         crop_ids = [c * global_batch + j for c in range(2) for j in positions]  # crop-major, as global_crops
         masks = sample_masks(rngs * 2, crop_ids, plan, G // self.patch_size)  # [2B,N]
-        n_masked = masks.sum(dim=1, keepdim=True).clamp(min=1)  # [2B,1]
         return dict(global_crops=global_crops, local_crops=local_crops, masks=masks,
                     mask_indices=masks.flatten().nonzero().flatten(),  # [M]
-                    mask_weights=(1.0 / n_masked).expand_as(masks)[masks],  # [M]
+                    mask_weights=ibot_mask_weights(masks),  # [M]
                     labels=torch.tensor(labels))
 
 
@@ -483,13 +517,40 @@ class SeededItems(Dataset):
         return img, label, sample_key
 
 
+def _mix(x):
+    """splitmix64's finaliser: a well-spread hash of uint64 values (wraps modulo 2^64)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def shuffled(positions, n, seed, epoch, rounds=6):
+    """A pseudo-random permutation of [0, n) evaluated at `positions`, without materialising it: a balanced
+    Feistel network over the smallest even number of bits that covers n (keys from (seed, epoch)), applied
+    again to any value that lands at or above n (cycle walking keeps it a bijection of [0, n)). O(1) memory
+    and O(len(positions)) time, whatever n: the order of a 142M-image epoch costs what a batch's costs.
+    positions int [P] -> image indices int64 [P]."""
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask, shift = np.uint64((1 << half) - 1), np.uint64(half)
+    keys = np.random.default_rng([seed, epoch, 3]).integers(0, 2 ** 63, rounds, dtype=np.uint64)
+    x = np.asarray(positions, dtype=np.uint64)
+    todo = np.ones(len(x), dtype=bool)
+    while todo.any():
+        left, right = x[todo] >> shift, x[todo] & mask
+        for key in keys:
+            left, right = right, left ^ (_mix(right ^ key) & mask)
+        x[todo] = (left << shift) | right
+        todo = x >= n
+    return x.astype(np.int64)
+
+
 class GlobalBatchSampler:
     """Infinite sampler of one rank's micro-batches, a pure function of (seed, step), so resuming needs no state
-    and any number of GPUs sees the same data: epoch e shuffles the data with a generator seeded by (seed, e);
-    step t of that epoch takes the next `global_batch` images, and micro-batch a of rank r (accumulation index
-    a) takes positions [(a * world + r) * micro, ... + micro) of them: forward pass a of all ranks together sees
-    one contiguous slice (Sinkhorn-Knopp and KoLeo see that slice), the same slice for any split of it into
-    ranks. Yields [(index, (step, position))]."""
+    and any number of GPUs sees the same data: epoch e orders the data by a permutation keyed by (seed, e)
+    (`shuffled`, computed only where it is read); step t of that epoch takes the next `global_batch` images,
+    and micro-batch a of rank r (accumulation index a) takes positions [(a * world + r) * micro, ... + micro)
+    of them: forward pass a of all ranks together sees one contiguous slice, the same slice for any split of it
+    into ranks. Yields [(index, (step, position))]."""
 
     def __init__(self, n, global_batch, micro_batch, seed, rank=0, world_size=1, start_step=0):
         assert global_batch % (micro_batch * world_size) == 0, (global_batch, micro_batch, world_size)
@@ -500,15 +561,21 @@ class GlobalBatchSampler:
         if self.steps_per_epoch == 0:
             raise ValueError(f"{n} images cannot fill one global batch of {global_batch}: lower --batch_size")
 
+    def micro_batches(self, step):
+        """The rank's micro-batches of `step` -> [[(index, (step, position))] for each accumulation step]."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        out = []
+        for a in range(self.accum):
+            first = (a * self.world_size + self.rank) * self.micro  # position in the global batch
+            positions = np.arange(first, first + self.micro)
+            images = shuffled(i * self.global_batch + positions, self.n, self.seed, epoch)
+            out.append([(int(index), (step, int(j))) for index, j in zip(images, positions)])
+        return out
+
     def __iter__(self):
         step = self.start_step
         while True:
-            epoch, i = divmod(step, self.steps_per_epoch)
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            for a in range(self.accum):
-                first = (a * self.world_size + self.rank) * self.micro  # position in the global batch
-                positions = range(first, first + self.micro)
-                yield [(int(order[i * self.global_batch + j]), (step, j)) for j in positions]
+            yield from self.micro_batches(step)
             step += 1
 
 

@@ -413,11 +413,15 @@ class DINOHead(nn.Module):
                     nn.init.zeros_(m.bias)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)  # created after the init, as officially
 
-    def forward(self, x):
-        x = self.mlp(x)  # (B, bottleneck)
+    def bottleneck(self, x):
+        """(B, in) -> (B, bottleneck) l2-normalised: what the prototypes score (train.py computes those scores in
+        chunks of rows when they would not fit whole)."""
+        x = self.mlp(x)
         eps = 1e-6 if x.dtype == torch.float16 else 1e-12
-        x = F.normalize(x, dim=-1, p=2, eps=eps)
-        return self.last_layer(x)  # (B, K) cosine similarities to the prototypes, times g
+        return F.normalize(x, dim=-1, p=2, eps=eps)
+
+    def forward(self, x):
+        return self.last_layer(self.bottleneck(x))  # (B, K) cosine similarities to the prototypes, times g
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,43 +1,49 @@
-"""GPU memory and compute plan of a DINOv2 training step, without a GPU, and the training-step benchmark.
+"""Will a DINOv2 run fit, and what will it cost? The plan of one step per GPU and of the whole run, without a GPU.
 
-A training run on GPUs fails late and expensively when one step does not fit. `python train.py --plan` traces
-one real optimizer step (train.train_step: teacher targets, student forward/backward, AdamW, EMA) on fake
-tensors (torch FakeTensorMode: shapes and dtypes, no data; 2-3 minutes for ViT-S on 2 CPU cores) and reports,
-per GPU, the peak memory of parameters, gradients, AdamW state, activations and temporaries (MemTracker), and
-the FLOPs per image (FlopCounterMode). Given a GPU size it picks the largest micro-batch that fits and the gradient
-accumulation that reaches the global batch. The trace runs the product's own step; nothing is modelled twice.
+A training run on GPUs fails late and expensively when one step does not fit. `python plan.py train` traces the
+product's own step (train.train_step: teacher targets, student forward/backward, AdamW, EMA; distill.distill_step
+for `distill`) on fake tensors (torch FakeTensorMode: shapes and dtypes, no data) and reports, per GPU, the peak
+memory of parameters, gradients, AdamW state, activations and temporaries (MemTracker) and the FLOPs per image
+(FlopCounterMode); given a GPU size, the largest micro-batch that fits. Blocks of one model are identical, so the
+plan traces copies with 1 and 2 blocks and extrapolates linearly to the full depth (exact for one model's blocks;
+for the several models of a distillation the blocks of each are extrapolated separately and added). Then the run
+at a glance: each phase of the schedule with its steps, crops, lr and momentum, images seen and GPU-hours.
 
-Run:
-    python train.py --plan --preset vit_s --micro_batch_size 128       # one GPU (WORLD_SIZE unset: 1)
-    WORLD_SIZE=8 python train.py --plan --preset vit_l                 # per GPU of an 8-GPU run
-    WORLD_SIZE=96 python train.py --plan --preset vit_g --fsdp --activation_checkpointing --gpu_memory_gb 80
-    WORLD_SIZE=8 python distill.py --plan --preset paper --students vit_small,vit_base,vit_large
-    python train.py --bench                               # measured CPU images/s and memory beside the plan
-The README lists the plans of its GPU commands, with the commands above.
+Run (the same flags as train.py / distill.py, plus the plan's own):
+    python plan.py train --preset vit_s --micro_batch_size 128                 # one GPU
+    python plan.py train --preset vit_l --world_size 8                         # per GPU of an 8-GPU run
+    python plan.py train --preset vit_g --fsdp --activation_checkpointing --world_size 96
+    python plan.py distill --preset paper --students vit_small,vit_base,vit_large --world_size 8
+The README lists the plans of its GPU commands; `python bench.py step` measures a step beside its plan.
 
 Sec. 5 (efficient implementation) -> code: FSDP sharding of parameters, gradients and AdamW state (divided by
-the world size here), mixed precision (the trace runs under the config's autocast), activation checkpointing.
+the world size here), mixed precision (the trace runs the config's precision), activation checkpointing.
 """
 import contextlib
 import dataclasses
+import os
+import sys
 import time
 
-import numpy as np
 import torch
 
+import cli
+import distill as DI
 import train as T
 from data import MultiCropCollate
-from runtime import reset_peak_memory
+from runtime import PEAK_BF16_TFLOPS
 
 CPU = torch.device("cpu")
+GiB = 2 ** 30
+KINDS = ("param", "buffer", "grad", "act", "temp", "opt", "oth")  # MemTracker's categories
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tracing one step on fake tensors
 # ---------------------------------------------------------------------------------------------------------------
-def real_batch(cfg, micro_batch):
+def real_batch(cfg, micro_batch, global_crop_size=None):
     """A micro-batch from the real collate on random images (the mask counts are real, so M is exact)."""
-    size = cfg.global_crop_size
+    size = global_crop_size or cfg.global_crop_size
     collate = MultiCropCollate(size, cfg.local_crop_size, cfg.n_local_crops, cfg.patch_size,
                                mask_ratio=cfg.mask_ratio, mask_probability=cfg.mask_probability,
                                seed=cfg.seed, global_batch=micro_batch)
@@ -46,247 +52,221 @@ def real_batch(cfg, micro_batch):
     return collate(images)
 
 
-def build_pretraining(cfg):
-    """train.train()'s networks: one learner (the student) whose EMA is the teacher -> ([(name, student,
-    ema)], teacher)."""
-    student, teacher, _ = T.build_student_teacher(cfg)
-    return [("student", student, teacher)], teacher
+def pretraining(cfg, depths):
+    """train()'s networks, each model `depths` blocks deep -> ([(student, its EMA)], teacher, step, prepare).
+    In pretraining the EMA is the teacher."""
+    student, teacher, _ = T.build_student_teacher(cfg, depths[0])
+    step = lambda students, batches, hp, centers, dtype: T.train_step(students[0], teacher, batches, hp,
+                                                                      centers, cfg, dtype)
+    return [(student, teacher)], teacher, step, None
 
 
-def fake_learners(cfg, mode, build):
-    """(learners, teacher) as train() / distill() build them on one process, with fake parameters: built on the
-    meta device (weight initialisation reads values, which fake tensors do not have), then materialised empty."""
-    with torch.device("meta"):
-        nets, teacher = build(cfg)
-    with mode:
-        cfg = dataclasses.replace(cfg, compile=False)
-        learners = [T.build_learner(name, model.to_empty(device=CPU), ema.to_empty(device=CPU), cfg, CPU,
-                                    distributed=False) for name, model, ema in nets]
-        teacher = teacher if any(teacher is ema for _, _, ema in nets) else teacher.to_empty(device=CPU)
-        return learners, teacher
+def teacher_config(cfg):
+    """The frozen teacher's train.Config: its checkpoint's, or the paper's ViT-g/14 (no checkpoint yet)."""
+    if cfg.teacher and os.path.exists(cfg.teacher):
+        saved = torch.load(cfg.teacher, map_location="cpu", weights_only=True, mmap=True).get("config", {})
+        fields = {f.name for f in dataclasses.fields(T.Config)}
+        return T.Config(**{k: v for k, v in saved.items() if k in fields})
+    return T.Config(patch_size=cfg.patch_size, global_crop_size=cfg.global_crop_size)
 
 
-def hyperparameters(cfg):
-    return dict(lr=1e-4, last_layer_lr=1e-4, wd=cfg.weight_decay, momentum=cfg.momentum_teacher,
-                teacher_temp=cfg.teacher_temp)
+def distillation(cfg, depths):
+    """distill()'s networks: the frozen teacher (depths[0] blocks) and the students (depths[1:])."""
+    tcfg = teacher_config(cfg)
+    _, teacher, _ = T.build_student_teacher(tcfg, depths[0])
+    pairs = [T.build_student_teacher(DI.student_config(cfg, name, tcfg.n_prototypes), d)[:2]
+             for name, d in zip(cfg.students.split(","), depths[1:])]
+    for student, _ in pairs:
+        student.backbone.mask_token.requires_grad_(cfg.mask_probability > 0)  # as distill.build_distilled
+
+    def step(students, batches, hp, centers, dtype):
+        named = [DI.Distilled(f"s{i}", st, st_ema, {}) for i, (st, (_, st_ema)) in enumerate(zip(students, pairs))]
+        return DI.distill_step(named, teacher, batches, hp, centers, cfg, dtype)
+    return pairs, teacher, step, lambda batch: DI.prepare_batch(cfg, batch)
 
 
-def trace_step(cfg, micro_batch, memory=True, prepare=None, build=build_pretraining):
-    """Run train.train_step on fake tensors and count its FLOPs; with memory, run it twice and measure the
-    second (AdamW's state exists then, as in every later step). prepare(cfg, batch) -> batch adapts the batch
-    (distillation: no masks). -> dict(flops_per_micro_batch and, with memory, MemTracker's bytes at the peak by
-    kind: "_memreftype.param", ".buffer", ".grad", ".act", ".temp", ".opt", ".oth", and "total")."""
+def full_depths(cfg, kind):
+    if kind is pretraining:
+        return [T.ARCHS[cfg.arch]["depth"]]
+    return [T.ARCHS[teacher_config(cfg).arch]["depth"]] + [T.ARCHS[n]["depth"] for n in cfg.students.split(",")]
+
+
+def trace_step(cfg, micro_batch, kind=pretraining, depths=None, memory=True, global_crop_size=None):
+    """Run the step on fake tensors and count its FLOPs; with memory, run it twice and measure the second
+    (AdamW's state exists then, as in every later step). depths: blocks of each model (default: full).
+    -> dict(flops, and with memory MemTracker's bytes at the peak by kind ("param", "grad", "opt", "act",
+    "temp", ...) and "total", and "gathered": bytes FSDP2 keeps whole (the root's own parameters: the heads))."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.utils.flop_counter import FlopCounterMode
     if cfg.attn_impl == "auto":  # on a GPU "auto" is the fused kernel; on the fake CPU trace it could differ
         cfg = dataclasses.replace(cfg, attn_impl="fused")
-    batch = real_batch(cfg, micro_batch)
-    batch = prepare(cfg, batch) if prepare else batch
-    autocast = T.autocast_for(cfg, CPU)
-    mode = FakeTensorMode(allow_non_fake_inputs=True)  # the meta parameters are materialised inside
-    learners, teacher = fake_learners(cfg, mode, build)
+    cfg = dataclasses.replace(cfg, compile=False)
+    with torch.device("meta"):  # weight initialisation reads values, which fake tensors do not have
+        pairs, teacher, step, prepare = kind(cfg, depths or full_depths(cfg, kind))
+    batch = real_batch(cfg, micro_batch, global_crop_size)
+    batch = prepare(batch) if prepare else batch
+    dtype = T.DTYPES["bf16" if cfg.precision == "auto" else cfg.precision]  # what a GPU computes in
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
+        teacher = teacher if any(teacher is ema for _, ema in pairs) else teacher.to_empty(device=CPU)
+        students = [T.build_student(st.to_empty(device=CPU), ema.to_empty(device=CPU), cfg, CPU, distributed=False)
+                    for st, ema in pairs]
         fake = {k: (mode.from_tensor(v) if v is not None else None) for k, v in batch.items()}
         centers = T.zero_centers(teacher.dino_head.last_layer.weight_v.shape[0], CPU)
+        hp = dict(lr=1e-4, last_layer_lr=1e-4, wd=cfg.weight_decay, momentum=cfg.momentum_teacher,
+                  teacher_temp=cfg.teacher_temp)
         if memory:  # a first step creates AdamW's state: the measured second step holds it, as every later one
-            T.train_step(learners, teacher, [fake], hyperparameters(cfg), centers, cfg, autocast)
+            step(students, [fake], hp, centers, dtype)
         tracker, flops = MemTracker(), FlopCounterMode(display=False)
         if memory:  # MemTracker hooks every parameter of a module it sees run; the teacher's run under no_grad
             teacher.requires_grad_(True)
-            for learner in learners:
-                tracker.track_external(learner.model, learner.ema, learner.optimizer)
+            for s, (_, ema) in zip(students, pairs):
+                tracker.track_external(s.model, ema, s.optimizer)
             tracker.track_external(teacher)
         with (tracker if memory else contextlib.nullcontext()), flops:
-            T.train_step(learners, teacher, [fake], hyperparameters(cfg), centers, cfg, autocast)
-    out = dict(flops_per_micro_batch=flops.get_total_flops())
+            step(students, [fake], hp, centers, dtype)
+    out = dict(flops=flops.get_total_flops())
     if memory:
-        snapshot = tracker.get_tracker_snapshot("peak")
-        by_kind = next(iter(snapshot.values()))  # one device: {"Parameter": bytes, ..., "Total": bytes}
-        out.update({str(k).lower(): v for k, v in by_kind.items()})
+        by_kind = next(iter(tracker.get_tracker_snapshot("peak").values()))  # one device: {kind: bytes}
+        out.update({str(k).lower().removeprefix("_memreftype."): v for k, v in by_kind.items()})
+        size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
+        out["gathered"] = max(size(s.model.dino_head) + size(s.model.ibot_head) for s in students)
+        out["block"] = max(size(s.model.backbone.blocks[0]) for s in students)
+    return out
+
+
+def extrapolated(cfg, micro_batch, kind=pretraining, memory=True, global_crop_size=None):
+    """trace_step at the full depth of every model, from traces with 1 and 2 blocks: X(D) = X(1) + (D-1) dX
+    for each model (blocks are identical); the several models of a distillation add their dX."""
+    full = full_depths(cfg, kind)
+    ones = [1] * len(full)
+    base = trace_step(cfg, micro_batch, kind, ones, memory, global_crop_size)
+    out = dict(base)
+    for i, depth in enumerate(full):
+        deeper = trace_step(cfg, micro_batch, kind, [2 if j == i else 1 for j in range(len(full))], memory,
+                            global_crop_size)
+        for k in base:
+            if k not in ("gathered", "block"):
+                out[k] += (depth - 1) * (deeper[k] - base[k])
     return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Per-GPU memory: the traced step (one process) adjusted for DDP buckets or FSDP2 shards
+# Per-GPU memory: the one-process trace adjusted for DDP buckets or FSDP2 shards
 # ---------------------------------------------------------------------------------------------------------------
-GiB = 2 ** 30
-
-
-def per_gpu_memory(cfg, trace, world_size, build=build_pretraining):
+def per_gpu_memory(cfg, trace, world_size):
     """Peak bytes on one GPU from a one-process trace. DDP keeps a full copy of everything plus gradient buckets
-    as large as the gradients; FSDP2 divides parameters, gradients and AdamW state by the world size and
-    gathers about two blocks' parameters at a time (the one computing and the one prefetched)."""
-    with torch.device("meta"):
-        nets, _ = build(cfg)
-    size = lambda module: sum(p.numel() * p.element_size() for p in module.parameters())
-    student_bytes = sum(size(model) for _, model, _ in nets)
-    block_bytes = max(size(model.backbone.blocks[0]) for _, model, _ in nets)
-    static = trace["_memreftype.param"] + trace["_memreftype.grad"] + trace["_memreftype.opt"]
+    as large as the gradients; FSDP2 divides parameters, gradients and AdamW state by the world size, gathers
+    about two blocks' parameters at a time (the one computing and the one prefetched) and keeps the heads (the
+    root's own parameters) and their gradients whole through the step."""
+    static = trace["param"] + trace["grad"] + trace["opt"]
     dynamic = trace["total"] - static
     if cfg.fsdp and world_size > 1:
-        return static / world_size + dynamic + 2 * block_bytes
-    return trace["total"] + (student_bytes if world_size > 1 else 0)
+        return static / world_size + dynamic + 2 * trace["block"] + 2 * trace["gathered"]
+    return trace["total"] + (trace["grad"] if world_size > 1 else 0)
 
 
-def plan(cfg, world_size, gpu_gb, prepare=None, build=build_pretraining, log=print):
-    """Trace the configured step, report its per-GPU memory and FLOPs, and the largest micro-batch that fits a
-    GPU of gpu_gb (peak at most 90% of it: the CUDA context and allocator slack take the rest).
-    -> dict(micro_batch, accumulation, peak_gb, fits, best_micro_batch, tflops_per_image)."""
+def fit(cfg, trace, world_size, gpu_gb):
+    """-> (peak bytes, largest micro-batch that divides the per-GPU batch and fits 90% of the GPU): memory grows
+    linearly with the micro-batch from what does not (parameters, gradients, optimizer, buffers)."""
     micro = cfg.micro_batch_size or cfg.batch_size // world_size
+    peak = per_gpu_memory(cfg, trace, world_size)
+    fixed = per_gpu_memory(cfg, dict(trace, act=0, temp=0, oth=0,
+                                     total=sum(trace[k] for k in ("param", "grad", "opt", "buffer"))), world_size)
+    slope, per_gpu = (peak - fixed) / micro, cfg.batch_size // world_size
+    best = max((m for m in range(1, per_gpu + 1) if per_gpu % m == 0 and fixed + slope * m <= 0.9 * gpu_gb * 1e9),
+               default=0)
+    return peak, best, fixed, slope
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run at a glance: phases, images, GPU-hours
+# ---------------------------------------------------------------------------------------------------------------
+def phases(cfg):
+    """(name, first, end, global crop px) of each phase of the schedule (train.build_schedules)."""
+    H = min(cfg.highres_iters, cfg.total_iters)
+    W = min(cfg.warmup_iters, cfg.total_iters - H)
+    out = [("warmup", 0, W, cfg.global_crop_size), ("cosine", W, cfg.total_iters - H, cfg.global_crop_size),
+           ("high-res", cfg.total_iters - H, cfg.total_iters, cfg.highres_global_crop_size)]
+    return [p for p in out if p[2] > p[1]]
+
+
+def glance(cfg, flops_at, world_size, gpu, mfu, log):
+    """Each phase with its steps, crops, lr and momentum at start and end, images seen; GPU-hours at `mfu` of the
+    GPU's dense bf16 peak. flops_at: {global crop px: FLOPs per image of a step}."""
+    scale = (cfg.batch_size / 1024) ** 0.5
+    s = T.build_schedules(cfg, cfg.base_lr * scale, cfg.highres_base_lr * scale)
+    peak, hours = PEAK_BF16_TFLOPS[gpu] * 1e12, 0.0
+    log(f"  the run at a glance ({cfg.total_iters:,} steps of {cfg.batch_size:,} images; GPU-hours at "
+        f"{mfu:.0%} MFU of an {gpu}, {PEAK_BF16_TFLOPS[gpu]} TFLOP/s dense bf16):")
+    for name, a, b, size in phases(cfg):
+        images = (b - a) * cfg.batch_size
+        h = images * flops_at[size] / (mfu * peak) / 3600
+        hours += h
+        log(f"    {name:8s} steps {a:>7,}-{b:<7,} crops {size}/{cfg.local_crop_size} px  lr {s['lr'][a]:.2e}->"
+            f"{s['lr'][b - 1]:.2e}  momentum {s['momentum'][a]:.4f}->{s['momentum'][b - 1]:.4f}  "
+            f"{images / 1e6:8.1f}M images  {h:9,.0f} GPU-h")
+    log(f"    total {cfg.total_iters * cfg.batch_size / 1e6:,.1f}M images, {hours:,.0f} GPU-hours "
+        f"({hours / world_size:,.1f} h on {world_size} GPU(s))")
+    return hours
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------------------------
+def plan(cfg, world_size, gpu_gb, kind=pretraining, gpu="H100", mfu=0.4, log=print):
+    """Plan the configured step (each crop size of the schedule) and the run -> dict(micro_batch, accumulation,
+    peak_gb, fits, best_micro_batch, tflops_per_image, gpu_hours, seconds)."""
     t0 = time.perf_counter()
-    trace = trace_step(cfg, micro, prepare=prepare, build=build)  # the second of two steps (AdamW state exists)
-    peak = per_gpu_memory(cfg, trace, world_size, build)
-    static_bytes = sum(trace[f"_memreftype.{k}"] for k in ("param", "grad", "opt", "buffer"))
-    static = per_gpu_memory(cfg, dict(trace, total=static_bytes), world_size, build)
-    slope, base = (peak - static) / micro, static  # activations and temporaries grow with the micro-batch
-    budget = 0.9 * gpu_gb * 1e9
-    candidates = [m for m in range(1, cfg.batch_size // world_size + 1)
-                  if (cfg.batch_size // world_size) % m == 0 and base + slope * m <= budget]
-    best = max(candidates, default=0)
-    result = dict(micro_batch=micro, accumulation=cfg.batch_size // (micro * world_size), peak_gb=peak / GiB,
-                  fits=peak <= budget, best_micro_batch=best,
-                  tflops_per_image=trace["flops_per_micro_batch"] / micro / 1e12)
-    parts = {k.removeprefix("_memreftype."): v / GiB for k, v in trace.items() if k.startswith("_memreftype")}
+    micro, accum = T.layout(cfg, world_size)
+    sizes = sorted({size for *_, size in phases(cfg)}) or [cfg.global_crop_size]
+    traces = {size: extrapolated(cfg, micro, kind, global_crop_size=size) for size in sizes}
+    size = max(sizes, key=lambda s: per_gpu_memory(cfg, traces[s], world_size))  # the phase that needs most
+    peak, best, fixed, slope = fit(cfg, traces[size], world_size, gpu_gb)
     what = getattr(cfg, "students", "") or cfg.arch
-    log(f"plan: {what}, {world_size} GPU(s), {'FSDP2' if cfg.fsdp else 'DDP'}, {cfg.precision}, "
-        f"micro-batch {micro} x accumulation {result['accumulation']} = global batch {cfg.batch_size}")
-    log("  one-process trace at the peak (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items() if v))
-    log(f"  per-GPU peak {peak / GiB:.2f} GiB -> {'fits' if result['fits'] else 'does NOT fit'} "
+    precision = "bf16" if cfg.precision == "auto" else cfg.precision  # auto on a GPU
+    log(f"plan: {what}, {world_size} GPU(s), {'FSDP2' if cfg.fsdp else 'DDP'}, {precision}, micro-batch "
+        f"{micro} x accumulation {accum} = global batch {cfg.batch_size}; peak at {size} px crops")
+    parts = {k: traces[size][k] / GiB for k in KINDS if traces[size].get(k)}
+    log("  one-process step at the peak (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
+    log(f"  per-GPU peak {peak / GiB:.2f} GiB -> {'fits' if peak <= 0.9 * gpu_gb * 1e9 else 'does NOT fit'} "
         f"{gpu_gb:.0f} GB (90% budget); largest micro-batch that fits: {best} "
-        f"(peak ~ {base / GiB:.2f} + {slope / GiB:.3f} GiB per image)")
-    log(f"  compute: {result['tflops_per_image']:.3f} TFLOP per image per step (student fwd+bwd, teacher fwd); "
-        f"traced in {time.perf_counter() - t0:.0f} s")
-    return result
+        f"(peak ~ {fixed / GiB:.2f} + {slope / GiB:.3f} GiB per image)")
+    flops_at = {s: traces[s]["flops"] / micro for s in sizes}
+    log("  compute: " + ", ".join(f"{flops_at[s] / 1e12:.3f} TFLOP per image at {s} px" for s in sizes) +
+        " (student fwd+bwd, teacher fwd)")
+    hours = glance(cfg, flops_at, world_size, gpu, mfu, log)
+    seconds = time.perf_counter() - t0
+    log(f"  planned in {seconds:.0f} s")
+    return dict(micro_batch=micro, accumulation=accum, peak_gb=peak / GiB, fits=peak <= 0.9 * gpu_gb * 1e9,
+                best_micro_batch=best, tflops_per_image=flops_at[cfg.global_crop_size] / 1e12, gpu_hours=hours,
+                seconds=seconds)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The benchmark: measured images/s and memory of train.train_step on this machine, beside the plan
-# ---------------------------------------------------------------------------------------------------------------
-def rss_bytes(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field)) * 1024
+PLAN_FLAGS = [("world_size", "GPUs of the run (default: $WORLD_SIZE or 1)", dict(type=int, default=0)),
+              ("gpu_memory_gb", "GPU memory to fit, GB", dict(type=float, default=80.0)),
+              ("gpu", "GPU for the GPU-hours (its dense bf16 peak)", dict(default="H100",
+                                                                        choices=list(PEAK_BF16_TFLOPS))),
+              ("mfu", "model FLOP utilisation assumed for the GPU-hours", dict(type=float, default=0.4))]
 
 
-def run_steps(cfg, micro_batch, steps, device):
-    """Build the learner as train() does and run train.train_step `steps` times on one fixed real batch
-    -> wall and CPU seconds of each step."""
-    torch.manual_seed(0)
-    student, teacher, _ = T.build_student_teacher(cfg)
-    learner = T.build_learner("student", student, teacher, cfg, device)
-    batch = T.batch_to(real_batch(cfg, micro_batch), device)
-    centers, autocast = T.zero_centers(cfg.n_prototypes, device), T.autocast_for(cfg, device)
-    wall, cpu = [], []
-    for _ in range(steps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        T.train_step([learner], teacher, [batch], hyperparameters(cfg), centers, cfg, autocast)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return wall, cpu
-
-
-def measure(cfg, micro_batch, steps, device):
-    """Median wall / CPU seconds of `steps` steps after a warm-up step, and the peak memory above what the
-    process held before the model existed: CUDA's max_memory_allocated, or on a CPU the peak resident size
-    above the start, measured after a throw-away run at micro-batch 2 has loaded torch's kernels and thread
-    pools and malloc_trim has handed its memory back (so the figure is the step's, not the libraries')."""
-    if device.type == "cpu":
-        import ctypes
-        import gc
-        run_steps(cfg, 2, 2, device)
-        gc.collect()
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    reset_peak_memory(device)
-    before = rss_bytes("VmRSS") if device.type == "cpu" else torch.cuda.memory_allocated(device)
-    wall, cpu = run_steps(cfg, micro_batch, steps + 1, device)  # the first step warms up (AdamW state)
-    peak = rss_bytes("VmHWM") if device.type == "cpu" else torch.cuda.max_memory_allocated(device)
-    return float(np.median(wall[1:])), float(np.median(cpu[1:])), peak - before
-
-
-def _measure_in_child(cfg, micro_batch, steps, queue):
-    torch.set_num_threads(torch.get_num_threads())
-    queue.put(measure(cfg, micro_batch, steps, CPU))
-
-
-def fast_bf16(device):
-    """bf16 matmuls run natively on GPUs and on CPUs with AVX512-BF16 or AMX; elsewhere they are emulated, ~40x
-    slower than fp32 (measured on an AMD EPYC with AVX2), and the benchmark skips them."""
-    if device.type == "cuda":
-        return True
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("train", "distill"):
+        cli.error("the first argument is what to plan: train or distill (then train.py's / distill.py's "
+                  "flags, and --world_size, --gpu_memory_gb, --gpu, --mfu)", prog="plan.py")
+    which, rest = argv[0], argv[1:]
+    config, presets, kind = ((T.Config, T.PRESETS, pretraining) if which == "train"
+                             else (DI.DistillConfig, DI.DISTILL_PRESETS, distillation))
+    cfg, args = cli.parse_config(config, rest, presets=presets, default_preset="tiny", extra_flags=PLAN_FLAGS,
+                                 prog=f"plan.py {which}", description=__doc__.split("\n\n")[0])
+    world_size = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
     try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        plan(cfg, world_size, args.gpu_memory_gb, kind, args.gpu, args.mfu)
+    except ValueError as e:  # a refused layout: one line, as a bad flag
+        cli.error(str(e), prog=f"plan.py {which}")
 
 
-def bench(device, steps=5, runs=None):
-    """Images/s and peak memory of one training step, measured and planned: the tiny preset (its batch, 28 px)
-    and ViT-S/14 (batch 8, paper crops 2 x 224 + 8 x 98), fp32 and (where it is native) bf16. On CPU each configuration runs in a
-    fresh process, so its peak resident memory above the start is its own. -> list of result dicts."""
-    import multiprocessing as mp
-    runs = runs or (("tiny", "tiny", T.PRESETS["tiny"]["batch_size"]), ("ViT-S/14", "vit_s", 8))
-    results = []
-    for name, preset, batch in runs:
-        for precision in ("fp32", "bf16") if fast_bf16(device) else ("fp32",):
-            cfg = T.Config(**{**T.PRESETS[preset], "batch_size": batch, "micro_batch_size": 0,
-                              "precision": precision, "total_iters": 100, "warmup_iters": 10})
-            if device.type == "cpu":  # what "auto" picks on a CPU (model.resolve_attn_impl): traced alike
-                cfg = dataclasses.replace(cfg, attn_impl="fused" if precision == "fp32" else "explicit")
-                queue = mp.get_context("spawn").Queue()
-                child = mp.get_context("spawn").Process(target=_measure_in_child, args=(cfg, batch, steps, queue))
-                child.start()
-                child.join()  # the result is small: the queue does not block the child's exit
-                if child.exitcode != 0:
-                    raise RuntimeError(f"benchmark process for {name} {precision} failed ({child.exitcode})")
-                wall, cpu, peak = queue.get()
-            else:
-                wall, cpu, peak = measure(cfg, batch, steps, device)
-            planned = per_gpu_memory(cfg, trace_step(cfg, batch), 1)
-            results.append(dict(name=name, batch=batch, precision=precision, images_per_s=batch / wall,
-                                peak_gb=peak / GiB, plan_gb=planned / GiB))
-            print(f"{name:9s} batch {batch:4d} {precision}: {batch / wall:7.1f} images/s ({wall:.3f} s/step "
-                  f"wall, {cpu:.3f} s CPU), peak memory {peak / GiB:.2f} GB measured, {planned / GiB:.2f} GB "
-                  f"planned ({planned / peak - 1:+.0%})", flush=True)
-    return results
-
-
-def main(cfg, args):
-    """train.py / distill.py --plan and --bench."""
-    import os
-    device = torch.device("cuda") if torch.cuda.is_available() else CPU
-    if args.bench:
-        return bench(device)
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if not getattr(args, "world_size", 0) else args.world_size
-    gpu_gb = args.gpu_memory_gb or (torch.cuda.get_device_properties(0).total_memory / 1e9
-                                    if torch.cuda.is_available() else 80)
-    return plan(cfg, world_size, gpu_gb)
-
-
-def main_distill(cfg, args):
-    """distill.py --plan: the students and a frozen teacher (its checkpoint's architecture when the file exists,
-    else the paper's ViT-g/14 with its official heads) on batches without masks (Sec. 5)."""
-    import os
-    import distill
-    from_file = os.path.exists(cfg.teacher)
-    if not from_file:
-        print(f"plan: no teacher checkpoint at {cfg.teacher!r}: planning for the paper's ViT-g/14 teacher")
-
-    def build(c):
-        if not from_file:
-            tcfg = T.Config(arch="vit_giant2", patch_size=c.patch_size, global_crop_size=c.global_crop_size)
-            _, teacher, _ = T.build_student_teacher(tcfg)
-        else:
-            teacher = distill.load_teacher(cfg.teacher)[0]
-        K = teacher.dino_head.last_layer.weight_v.shape[0]
-        nets = []
-        for name in c.students.split(","):
-            student, ema, _ = T.build_student_teacher(distill.student_config(c, name, K))
-            nets.append((name, student, ema))
-        return nets, teacher.requires_grad_(False)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    gpu_gb = args.gpu_memory_gb or 80
-    return plan(cfg, world_size, gpu_gb, prepare=distill.prepare_batch, build=build)
+if __name__ == "__main__":
+    main()

@@ -5,7 +5,8 @@ both, so neither grows past a readable size and the loop reads as the method:
   - processes: torchrun (RANK in the environment) or one plain process, print0 on rank 0 ... setup_distributed
   - the run directory: never start over an existing run by accident, one writer at a time (a lock file; a
     dead writer's lock is taken over), --resume only a run that can continue as it was .... open_run_dir
-  - checkpoints: unsharded state dicts (FSDP2 gathers), atomic writes, RNG state ..... learner_state, atomic_save
+  - checkpoints: unsharded, optimizer keyed by name, atomic, memory-mapped on resume .. full_state_dicts
+  - precision: bf16 where the device computes it natively, else fp32 ......... resolve_precision
   - progress bar and metrics.jsonl with images/s, memory and model FLOP utilisation ........ Progress
   - SIGTERM / SIGUSR1 from a cluster scheduler: checkpoint at the end of the step, exit ..... StopSignal
 Nothing runs on import; nothing here knows the model.
@@ -64,17 +65,13 @@ class RunError(ValueError):
     """A run that must not start (main prints it as one line and exits with status 2)."""
 
 
-# Fields that may differ on --resume without changing what the run computes (systems and bookkeeping).
-RESUMABLE_CHANGES = {"data", "output_dir", "micro_batch_size", "fsdp", "activation_checkpointing", "compile",
-                     "num_workers", "log_every", "eval_every", "knn_train_size", "checkpoint_every", "resume",
-                     "overwrite", "allow_changes", "stop_after", "attn_impl"}
-
-
-def open_run_dir(cfg, run):
+def open_run_dir(cfg, run, resumable):
     """Claim cfg.output_dir for this run -> the checkpoint to resume from (a dict) or None. Refuses to start
     over an existing checkpoint without --resume or --overwrite, --resume without a checkpoint, and (unless
-    --allow_changes) a resume whose config changes what the run computes; prints every difference. Every rank
-    checks (same files, same answer); rank 0 holds the lock file."""
+    --allow_changes) a resume whose config changes a field outside `resumable` (the fields that do not change
+    what the run computes, listed beside the config); prints every difference. Every rank checks (same files,
+    same answer); rank 0 holds the lock file. The checkpoint is memory-mapped, not read: its pages are shared by
+    the ranks of a node, and each rank copies out only what it keeps (under FSDP2, its shards)."""
     os.makedirs(cfg.output_dir, exist_ok=True)
     refused = None
     if run.rank == 0:
@@ -101,14 +98,14 @@ def open_run_dir(cfg, run):
         if run.rank == 0 and os.path.exists(metrics):
             os.remove(metrics)  # --overwrite: the old run's rows would mix with the new ones
         return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     saved, current = ckpt["config"], asdict(cfg)
     defaults = {f.name: f.default for f in fields(cfg)}
     saved = {k: saved.get(k, defaults[k]) for k in current}  # a field newer than the checkpoint: its default ran
     changed = {k: (saved[k], v) for k, v in current.items() if _plain(saved[k]) != _plain(v)}
     for k, (old, new) in changed.items():
         print0(f"resume: {k} was {old!r}, now {new!r}")
-    breaking = sorted(set(changed) - RESUMABLE_CHANGES)
+    breaking = sorted(set(changed) - set(resumable))
     if breaking and not cfg.allow_changes:
         raise RunError(f"--resume with changed {', '.join(breaking)} would continue a different run (lr, data "
                        f"order or model); restore them, or pass --allow_changes true")
@@ -171,39 +168,39 @@ def _alive(pid):
 # Checkpoints: unsharded, atomic, loadable with weights_only=True
 # ---------------------------------------------------------------------------------------------------------------
 def full_state_dicts(model, ema, optimizer, cfg):
-    """Unsharded state dicts (FSDP2 gathers the shards; every rank must call this) -> (model, ema, optimizer)."""
-    if is_dist() and cfg.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        if optimizer is None:
-            return get_model_state_dict(model, options=opts), get_model_state_dict(ema, options=opts), None
-        model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
-        return model_sd, get_model_state_dict(ema, options=opts), optim_sd
-    return model.state_dict(), ema.state_dict(), optimizer.state_dict() if optimizer else None
+    """Unsharded state dicts -> (model, ema, optimizer or None); every rank must call this (FSDP2 gathers the
+    shards). The optimizer's state and groups are keyed by parameter name in every layout (one process, DDP,
+    FSDP2), so a checkpoint of one layout resumes in any other with AdamW's moments."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd, ema_sd = (get_model_state_dict(m, options=opts) for m in (model, ema))
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
+    return model_sd, ema_sd, optim_sd
 
 
-def learner_state(learner, cfg):
-    """What a learner needs to continue exactly: {"student", "ema", "optimizer", "scaler"} (all ranks call)."""
-    model_sd, ema_sd, optim_sd = full_state_dicts(learner.model, learner.ema, learner.optimizer, cfg)
-    return dict(student=model_sd, ema=ema_sd, optimizer=optim_sd, scaler=learner.scaler.state_dict())
+def load_state_dicts(model, ema, optimizer, model_sd, ema_sd, optim_sd, cfg):
+    """Inverse of full_state_dicts: every rank keeps what it holds of the full state dicts (FSDP2: its shards).
+    An optimizer state keyed by position (written before it was keyed by name) is renamed first."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_sd, options=opts)
+    set_model_state_dict(ema, ema_sd, options=opts)
+    if optim_sd["state"] and isinstance(next(iter(optim_sd["state"])), int):
+        optim_sd = keyed_by_name(optim_sd, model, optimizer)
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
 
 
-def load_learner_state(learner, state, cfg):
-    """Inverse of learner_state; under FSDP2 each rank keeps its shard of the full state dicts."""
-    if is_dist() and cfg.fsdp:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
-        opts = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(learner.model, state["student"], options=opts)
-        set_model_state_dict(learner.ema, state["ema"], options=opts)
-        # not strict: a parameter that never had a gradient (distillation's unused mask token) has no AdamW state
-        set_optimizer_state_dict(learner.model, learner.optimizer, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True, strict=False))
-    else:
-        learner.model.load_state_dict(state["student"])
-        learner.ema.load_state_dict(state["ema"])
-        learner.optimizer.load_state_dict(state["optimizer"])
-    learner.scaler.load_state_dict(state["scaler"])
+def keyed_by_name(optim_sd, model, optimizer):
+    """torch's optimizer.state_dict() keys parameters by their position in the groups; the groups here are
+    built the same way on every layout, so position i is the i-th parameter of optimizer.param_groups."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    positions = [i for g in optim_sd["param_groups"] for i in g["params"]]
+    rename = dict(zip(positions, names))
+    return dict(state={rename[i]: v for i, v in optim_sd["state"].items()},
+                param_groups=[dict(g, params=[rename[i] for i in g["params"]]) for g in optim_sd["param_groups"]])
 
 
 def rng_states():
@@ -248,6 +245,28 @@ def save_backbone(path, state_dict, model_args):
 # ---------------------------------------------------------------------------------------------------------------
 # Progress, metrics and model FLOP utilisation; preemption
 # ---------------------------------------------------------------------------------------------------------------
+def native_bf16(device):
+    """Whether bf16 matmuls run natively: on GPUs, and on CPUs with AVX512-BF16 or AMX. Elsewhere a CPU emulates
+    them, many times slower than fp32."""
+    if device.type == "cuda":
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision, device):
+    """--precision auto -> bf16 where it is native, fp32 where it would be emulated -> (precision, reason)."""
+    if precision != "auto":
+        return precision, "--precision"
+    if native_bf16(device):
+        return "bf16", "auto: native bf16 on " + ("this GPU" if device.type == "cuda" else "this CPU (AVX512-BF16/AMX)")
+    return "fp32", "auto: this CPU has no AVX512-BF16 or AMX, so bf16 would be emulated"
+
+
 def peak_memory_gb(device):
     """Peak memory since the last reset: CUDA allocator peak, or the process's peak RSS (VmHWM) on CPU."""
     if device.type == "cuda":
@@ -303,8 +322,8 @@ class Progress:
     values, images/s, peak memory and, on a known GPU, model FLOP utilisation (MFU, as nanoGPT's estimate_mfu:
     FLOPs of a step, counted on the first one / step time / the device's dense bf16 peak)."""
 
-    def __init__(self, cfg, run, start, desc):
-        self.cfg, self.run, self.flops_per_step = cfg, run, None
+    def __init__(self, cfg, run, start, desc="train"):
+        self.cfg, self.run, self.desc, self.flops_per_step = cfg, run, desc, None
         self.peak = peak_flops(run.device)
         self.file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if run.rank == 0 else None
         self.bar = progress(total=run.stop_at, initial=start, disable=run.rank != 0, desc=desc, dynamic_ncols=True)
@@ -323,6 +342,7 @@ class Progress:
         self.flops_per_step = counter.get_total_flops() * self.run.world_size  # this rank's share x ranks
 
     def step(self, it, terms, hp):
+        """After step `it`: terms {name: tensor or float} (loss terms, grad norm), hp the schedule values."""
         self.bar.update(1)
         if (it + 1) % self.cfg.log_every and it + 1 != self.run.stop_at:
             return
@@ -331,16 +351,22 @@ class Progress:
                    memory_gb=peak_memory_gb(self.run.device))
         if self.flops_per_step and self.peak:
             row["mfu"] = self.flops_per_step / self.run.world_size / seconds / self.peak
-        for name, parts in terms.items():  # one learner: plain keys; several (distillation): prefixed
-            prefix = "" if len(terms) == 1 else f"{name}/"
-            row.update({prefix + k: float(getattr(v, "full_tensor", lambda: v)()) for k, v in parts.items()})
+        row.update({k: float(getattr(v, "full_tensor", lambda: v)()) for k, v in terms.items()})
         self.t_last, self.logged = time.perf_counter(), it + 1
         shown = {k: f"{v:.3f}" for k, v in row.items() if k.endswith("loss")}
         self.bar.set_postfix(**shown, img_s=f"{row['images_per_s']:.0f}", refresh=False,
                              **({"mfu": f"{row['mfu']:.0%}"} if "mfu" in row else {}))
         self.write(row)
 
-    def write(self, row):
+    def phase(self, it, text):
+        """A phase of the schedule starts at iteration `it` (the run's start, the high-resolution phase): one
+        line on the console, a row {"step", "phase"} in metrics.jsonl, and the bar's label."""
+        self.bar.set_description(f"{self.desc} ({text.split(',')[0]})")
+        self.write(dict(step=it, phase=text), f"iteration {it}: {text}")
+
+    def write(self, row, message=None):
+        if message and self.run.rank == 0:
+            self.bar.write(message)
         if self.file:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
@@ -370,3 +396,15 @@ class StopSignal:
         if is_dist():  # all ranks must stop at the same step
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+    def check(self, it, run, every):
+        """After step `it` -> (write a checkpoint now, then stop): on a signal to any rank, every `every` steps
+        and at the last step of this invocation."""
+        stopping = self.any_rank(run.device)
+        return stopping or (it + 1) % every == 0 or it + 1 == run.stop_at, stopping
+
+    @staticmethod
+    def exit(it):
+        """Right after the checkpoint: a scheduler's grace period leaves no time for evaluation."""
+        print0(f"\nstop signal: checkpoint written at iteration {it + 1}; continue with --resume")
+        raise SystemExit(0)

@@ -14,8 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from losses import (dino_loss, ibot_loss, ibot_mask_weights, is_dist, koleo_loss, sinkhorn_knopp, softmax_center,
-                    update_center)
+from losses import (dino_loss, ibot_loss, ibot_loss_in_chunks, ibot_mask_weights, is_dist, koleo_loss, sinkhorn_knopp,
+                    sinkhorn_knopp_bias, softmax_center, update_center)
 
 # --------------------------------------------------------------------------------------------------------------
 # Helpers: plain-Python cross-entropy, and the official Sinkhorn-Knopp arithmetic as the reference
@@ -150,6 +150,16 @@ def test_koleo_antipodal_pair_is_not_its_own_neighbour():
     assert koleo_loss(torch.tensor([[1.0, 0.0], [-1.0, 0.0]])).item() == pytest.approx(-math.log(2), abs=1e-6)
 
 
+def test_koleo_groups_search_neighbours_inside_each_group():
+    # Two groups of two: each vector's neighbour is its group partner, not the closer vector of the other group.
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.1, 1.0]])
+    chord = 2 * math.sin((math.pi / 2 - 2 * math.atan(0.1)) / 2)  # rows 2, 3: 78.6 degrees apart
+    partner = -(2 * math.log(math.sqrt(2)) + 2 * math.log(chord)) / 4  # rows 0, 1: 90 degrees
+    assert koleo_loss(x, group_size=2).item() == pytest.approx(partner, abs=1e-5)
+    assert koleo_loss(x, group_size=4).item() == pytest.approx(koleo_loss(x).item())  # one group = all rows
+    assert koleo_loss(x).item() > partner  # without groups: the 5.7-degree neighbours, a larger loss
+
+
 def test_koleo_batch_of_one_is_zero_with_a_gradient():
     x = torch.randn(1, 8, requires_grad=True)
     loss = koleo_loss(x)
@@ -174,7 +184,7 @@ def test_update_center_is_the_ema_formula_and_pure():
     torch.manual_seed(2)
     center, teacher_logits = torch.randn(1, 5), torch.randn(6, 5)
     center_before = center.clone()
-    new_center = update_center(center, teacher_logits, momentum=0.9)
+    new_center = update_center(center, [teacher_logits[:4], teacher_logits[4:]], momentum=0.9)
     torch.testing.assert_close(new_center, 0.9 * center + 0.1 * teacher_logits.mean(dim=0, keepdim=True))
     assert torch.equal(center, center_before)  # no hidden state update: the caller stores the returned center
 
@@ -194,7 +204,7 @@ def test_everything_float32_under_bf16_autocast():
         h = torch.nn.functional.linear(x, torch.randn(16, 16))  # a bf16 activation, as the model would give
         assert h.dtype == torch.bfloat16
         outs = [koleo_loss(h), sinkhorn_knopp(h, 0.04), softmax_center(h, torch.zeros(1, 16), 0.04),
-                update_center(torch.zeros(1, 16), h), dino_loss(h[None].expand(3, 8, 16), F.softmax(h, -1)[None]),
+                update_center(torch.zeros(1, 16), [h]), dino_loss(h[None].expand(3, 8, 16), F.softmax(h, -1)[None]),
                 ibot_loss(h, F.softmax(h.float(), -1), torch.ones(8), n_images=2)]
     assert all(o.dtype == torch.float32 for o in outs)
     torch.testing.assert_close(outs[0], koleo_loss(h.float()))
@@ -234,6 +244,30 @@ def test_sinkhorn_no_overflow_at_logit_1e4_temp_0_04():
     torch.testing.assert_close(probs.sum(dim=1), torch.ones(16), rtol=0, atol=1e-6)
 
 
+def test_sinkhorn_streamed_over_chunks_equals_the_whole_batch():
+    torch.manual_seed(9)
+    logits = torch.randn(50, 30) * 2
+    whole = sinkhorn_knopp(logits, teacher_temp=0.05)
+    bias = sinkhorn_knopp_bias([logits[:7], logits[7:8], logits[8:8], logits[8:]], teacher_temp=0.05)
+    torch.testing.assert_close(F.softmax(logits / 0.05 + bias, dim=-1), whole, rtol=1e-5, atol=1e-6)
+
+
+def test_ibot_loss_in_chunks_equals_the_whole_logits_with_gradients():
+    torch.manual_seed(10)
+    M, K, b = 10, 24, 6
+    z = F.normalize(torch.randn(M, b), dim=-1).requires_grad_()
+    prototypes = torch.randn(K, b, requires_grad=True)
+    teacher, weights = F.softmax(torch.randn(M, K) / 0.1, dim=-1), torch.rand(M)
+    whole = ibot_loss(z @ prototypes.t(), teacher, weights, n_images=4)
+    grads = torch.autograd.grad(whole, (z, prototypes))
+    chunked = ibot_loss_in_chunks(z, prototypes, lambda rows: teacher[rows], weights, 4, chunk_rows=3)
+    torch.testing.assert_close(chunked, whole)
+    for g, expected in zip(torch.autograd.grad(chunked, (z, prototypes)), grads):
+        torch.testing.assert_close(g, expected)
+    empty = ibot_loss_in_chunks(z[:0], prototypes, lambda rows: teacher[:0], weights[:0], 4, chunk_rows=3)
+    assert empty.item() == 0.0 and empty.requires_grad  # no masked patch: 0, still in the graph (DDP)
+
+
 def test_sinkhorn_empty_batch():
     assert sinkhorn_knopp(torch.zeros(0, 8), 0.04).shape == (0, 8)
 
@@ -260,7 +294,13 @@ def _two_rank_worker(rank, port, logits, center, out_dir):
         results = {}
         for split in SPLITS:
             shard = logits[:split] if rank == 0 else logits[split:]
-            results[split] = (sinkhorn_knopp(shard, teacher_temp=0.04), update_center(center, shard, momentum=0.9))
+            results[split] = (sinkhorn_knopp(shard, teacher_temp=0.04), update_center(center, [shard], momentum=0.9))
+        points = logits[:, :6]  # 8 vectors, 4 per rank; a group of 8 spans both ranks
+        for group in (0, 2, 4, 8):
+            x = points[4 * rank:4 * rank + 4].clone().requires_grad_()
+            loss = koleo_loss(x, group_size=group)
+            loss.backward()
+            results[f"koleo{group}"] = (loss.detach(), x.grad)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -270,10 +310,18 @@ def test_two_ranks_equal_one_process(tmp_path):
     torch.manual_seed(8)
     logits, center = torch.randn(8, 40) * 3.0, torch.randn(1, 40)  # |logit| / 0.04 up to ~300: log space needed
     assert not is_dist()
-    probs_1, center_1 = sinkhorn_knopp(logits, teacher_temp=0.04), update_center(center, logits, momentum=0.9)
+    probs_1, center_1 = sinkhorn_knopp(logits, teacher_temp=0.04), update_center(center, [logits], momentum=0.9)
     mp.spawn(_two_rank_worker, args=(_free_port(), logits, center, str(tmp_path)), nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for split in SPLITS:
         torch.testing.assert_close(torch.cat([rank0[split][0], rank1[split][0]]), probs_1, rtol=0, atol=1e-6)
         torch.testing.assert_close(rank0[split][1], center_1, rtol=0, atol=1e-6)
         torch.testing.assert_close(rank1[split][1], center_1, rtol=0, atol=1e-6)
+    for group in (0, 2, 4, 8):  # the mean over both ranks and its gradient (a rank gets every rank's share)
+        x = logits[:, :6].clone().requires_grad_()
+        loss = koleo_loss(x, group_size=group)
+        loss.backward()
+        both = (rank0[f"koleo{group}"][0] + rank1[f"koleo{group}"][0]) / 2
+        torch.testing.assert_close(both, loss.detach(), rtol=0, atol=1e-6)
+        grad = torch.cat([rank0[f"koleo{group}"][1], rank1[f"koleo{group}"][1]]) / 2
+        torch.testing.assert_close(grad, x.grad, rtol=0, atol=1e-6)

@@ -33,7 +33,7 @@ TINY = dict(arch="vit_test", patch_size=4, layerscale=1e-5, drop_path_rate=0.0, 
             head_bottleneck_dim=32, ibot_head_bottleneck_dim=32, global_crop_size=16, local_crop_size=8,
             n_local_crops=2, batch_size=8, total_iters=6, warmup_iters=2, base_lr=1e-3, teacher_temp_warmup_iters=3,
             freeze_last_layer_iters=1, highres_iters=0, num_workers=0, log_every=1, checkpoint_every=100,
-            precision="fp32")  # bf16 matmuls are emulated (~40x slower) on CPUs without AVX512-BF16 / AMX
+            precision="fp32", koleo_group_size=4)  # fp32: exact comparisons; groups of 4 fit every layout below
 CPU = torch.device("cpu")
 
 
@@ -140,19 +140,33 @@ def test_masks_have_the_asked_ratios():
 # Schedules, parameter groups, configuration
 # ---------------------------------------------------------------------------------------------------------------
 def test_schedules_equal_paper_values():
-    cfg = T.Config()  # the paper's ViT-g/14 run
-    d = T.derived_values(cfg, world_size=1)
-    assert d["lr"] == pytest.approx(2e-4 * np.sqrt(3))  # 3.5e-4 at batch 3072 (Tab. 16)
-    s = T.build_schedules(cfg, d["lr"])
+    cfg = T.Config()  # the paper's ViT-g/14 run: 615,000 main iterations, then 10,000 at 518 px
+    lr, highres_lr = 2e-4 * np.sqrt(3), 5e-5 * np.sqrt(3)  # 3.5e-4 at batch 3072 (Tab. 16); the phase's peak
+    s = T.build_schedules(cfg, lr, highres_lr)
     assert all(len(v) == 625000 for v in s.values())
-    assert s["lr"][0] == 0 and s["lr"][99999] == pytest.approx(d["lr"]) and s["lr"][-1] == pytest.approx(1e-6, abs=1e-9)
-    assert s["lr"][100000 + 262500] == pytest.approx((d["lr"] + 1e-6) / 2)  # cosine midpoint
-    assert s["wd"][0] == pytest.approx(0.04) and s["wd"][312500] == pytest.approx(0.12)
-    assert s["wd"][-1] == pytest.approx(0.2, 1e-9)
-    assert s["momentum"][0] == pytest.approx(0.994) and s["momentum"][-1] == pytest.approx(1.0, abs=1e-10)
+    assert s["lr"][0] == 0 and s["lr"][99999] == pytest.approx(lr)
+    assert s["lr"][100000 + 257500] == pytest.approx((lr + 1e-6) / 2)  # cosine midpoint of the main phase
+    assert s["lr"][614999] == pytest.approx(1e-6, abs=1e-9)  # the main cosine ends where the phase starts
+    assert s["wd"][0] == pytest.approx(0.04) and s["wd"][307500] == pytest.approx(0.12)
+    assert s["wd"][614999] == pytest.approx(0.2, 1e-9)
+    assert s["momentum"][0] == pytest.approx(0.994) and s["momentum"][614999] == pytest.approx(1.0, abs=1e-10)
     assert s["teacher_temp"][0] == 0.04 and s["teacher_temp"][37499] == pytest.approx(0.07)
     assert s["teacher_temp"][37500] == 0.07 and s["teacher_temp"][-1] == 0.07
     assert (s["last_layer_lr"][:1250] == 0).all() and s["last_layer_lr"][1250] == s["lr"][1250]
+    assert (s["global_crop_size"][:615000] == 224).all() and (s["global_crop_size"][615000:] == 518).all()
+
+
+def test_high_resolution_phase_has_its_own_schedule():
+    """Sec. 4 at the vit_g preset's scale on 128 GPUs: the phase adapts (DINOv3's high-resolution recipe)."""
+    cfg, _ = T.parse_config(["--preset", "vit_g"])
+    phase = slice(cfg.total_iters - cfg.highres_iters, None)
+    s = T.build_schedules(cfg, cfg.base_lr * np.sqrt(3), cfg.highres_base_lr * np.sqrt(3))
+    assert s["lr"][phase][0] == 0 and s["lr"][phase].max() == pytest.approx(5e-5 * np.sqrt(3))  # 8.7e-5
+    assert s["lr"][phase].max() >= 1e-5 and s["lr"][phase][3332] == s["lr"][phase].max()  # warmup, then decay
+    assert s["lr"][-1] == pytest.approx(1e-6, abs=1e-9)
+    assert (1 - s["momentum"][phase]).sum() == pytest.approx(10.0)  # 10,000 steps at 0.999: the teacher moves
+    assert (s["momentum"][phase] == 0.999).all() and (s["teacher_temp"][phase] == 0.07).all()
+    assert (s["wd"][phase] == 0.04).all() and (s["last_layer_lr"][phase] == s["lr"][phase]).all()
 
 
 def test_param_groups_multipliers(tmp_path):
@@ -188,8 +202,9 @@ def test_cli_overrides_presets_and_unknown_keys():
     assert T.parse_config(["--fsdp", "false"])[0].fsdp is False
     with pytest.raises(SystemExit):
         T.parse_config(["--no_such_field", "1"])
-    d = T.derived_values(T.Config(batch_size=1024, micro_batch_size=64), world_size=4)
-    assert d["accumulation_steps"] == 4 and d["lr"] == pytest.approx(2e-4)
+    assert T.layout(T.Config(batch_size=1024, micro_batch_size=64, koleo_group_size=16), world_size=4) == (64, 4)
+    with pytest.raises(ValueError, match="--koleo_group_size: .* micro-batch sizes that work here: \\[3, 6, 12"):
+        T.layout(T.Config(batch_size=3072, micro_batch_size=2), world_size=128)  # 256 images: no group of 12
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -199,16 +214,16 @@ def step_fixed_batches(cfg, batches):
     """train.train_step (the product's step) on fixed batches, one step per entry (a list = micro-batches)
     -> (student, teacher, losses)."""
     torch.manual_seed(0)
-    student, teacher, _ = T.build_student_teacher(cfg)
-    learner = T.build_learner("student", student, teacher, cfg, CPU)
-    schedules = T.build_schedules(cfg, T.derived_values(cfg, 1)["lr"])
-    centers, autocast, losses = T.zero_centers(cfg.n_prototypes, CPU), T.autocast_for(cfg, CPU), []
+    model, teacher, _ = T.build_student_teacher(cfg)
+    student = T.build_student(model, teacher, cfg, CPU)
+    schedules = T.build_schedules(cfg, cfg.base_lr * np.sqrt(cfg.batch_size / 1024), 0.0)
+    centers, losses = T.zero_centers(cfg.n_prototypes, CPU), []
     for it, batch in enumerate(batches):
         hp = {k: float(v[it]) for k, v in schedules.items()}
-        terms, centers = T.train_step([learner], teacher, batch if isinstance(batch, list) else [batch], hp,
-                                      centers, cfg, autocast)
-        losses.append(float(terms["student"]["loss"]))
-    return student, teacher, losses
+        terms, centers = T.train_step(student, teacher, batch if isinstance(batch, list) else [batch], hp,
+                                      centers, cfg, torch.float32)
+        losses.append(float(terms["loss"]))
+    return model, teacher, losses
 
 
 @pytest.mark.parametrize("centering", ["sinkhorn_knopp", "ema"])
@@ -229,7 +244,7 @@ def test_teacher_is_ema_of_student_after_a_step(tmp_path):
     torch.manual_seed(cfg.seed)
     initial, _, _ = T.build_student_teacher(cfg)  # train() seeds the same way: same initial weights
     student, teacher = T.train(cfg, dataset=random_images())
-    m = T.build_schedules(cfg, 1.0)["momentum"][0]
+    m = T.build_schedules(cfg, 1.0, 0.0)["momentum"][0]
     assert m == 0.994
     changed = 0
     for (name, t), s, s0 in zip(teacher.named_parameters(), student.parameters(), initial.parameters()):
@@ -249,9 +264,9 @@ def test_activation_checkpointing_changes_nothing(tmp_path):
 
 
 def test_gradient_accumulation_equals_full_batch(tmp_path):
-    # Sinkhorn-Knopp and KoLeo see the images of one forward pass (all ranks together), so with accumulation they
-    # see a micro-batch; with EMA centering and KoLeo weight 0 every term is a per-image mean and the two agree.
-    common = dict(centering="ema", koleo_loss_weight=0.0, warmup_iters=0, total_iters=3)
+    # Sinkhorn-Knopp normalises over the step's global batch and KoLeo searches groups of 4 consecutive images,
+    # so one process with 2 micro-batches of 4 optimises the same objective as one batch of 8.
+    common = dict(warmup_iters=0, total_iters=3, layerscale=0.0)
     full, _ = T.train(tiny_cfg(tmp_path / "full", **common), dataset=random_images())
     accumulated, _ = T.train(tiny_cfg(tmp_path / "acc", micro_batch_size=4, **common), dataset=random_images())
     for (name, a), b in zip(full.state_dict().items(), accumulated.state_dict().values()):
@@ -269,20 +284,36 @@ def test_periodic_knn_on_fashion_mnist(tmp_path, fashion_mnist_dir):
 
 
 def test_fp16_with_grad_scaler_runs(tmp_path):
-    student, _ = T.train(tiny_cfg(tmp_path, precision="fp16", total_iters=3, warmup_iters=0))
-    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    student, _ = T.train(tiny_cfg(tmp_path, precision="fp16", total_iters=3, warmup_iters=0),
+                         dataset=random_images())
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"loss"' in line]
     assert all(np.isfinite(r["loss"]) for r in rows)
     assert all(torch.isfinite(p).all() for p in student.parameters())
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["scaler"]["scale"] > 0  # the scaler is saved
 
 
-def test_highres_phase_runs_with_interpolated_pos_embed(tmp_path):
-    cfg = tiny_cfg(tmp_path, total_iters=3, highres_iters=1, highres_global_crop_size=24)
-    assert [T.crop_size_at(cfg, it) for it in range(3)] == [16, 16, 24]
-    student, _ = T.train(cfg, dataset=random_images(16))
-    assert student.backbone.pos_embed.shape == (1, 1 + 16, 32)  # trained at 16 px: 4x4 grid, interpolated to 6x6
-    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+def test_highres_phase_is_logged_and_resumes_exactly_inside_it(tmp_path):
+    items = random_images(16)
+    common = dict(total_iters=5, highres_iters=3, highres_global_crop_size=24, highres_warmup_iters=1,
+                  highres_base_lr=5e-4, drop_path_rate=0.1, centering="ema")
+    student_a, teacher_a = T.train(tiny_cfg(tmp_path / "a", **common), dataset=items)
+    assert student_a.backbone.pos_embed.shape == (1, 1 + 16, 32)  # 4x4 grid of 16 px, interpolated to 6x6
+    rows = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    phases = [(r["step"], r["phase"].split(",")[0]) for r in rows if "phase" in r]
+    assert phases == [(0, "global crops 16 px"), (2, "global crops 24 px")]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["global_crop_size"] for r in steps] == [16, 16, 24, 24, 24]
+    peak = 5e-4 * np.sqrt(8 / 1024)  # highres_base_lr, square-root scaling rule
+    assert [r["lr"] for r in steps[2:]] == pytest.approx([0.0, peak, (peak + 1e-6) / 2])  # warmup, cosine
+    assert [r["momentum"] for r in steps[2:]] == [0.999] * 3 and steps[1]["momentum"] == pytest.approx(0.997)
+    # stopped after the first step of the phase, resumed inside it: bit for bit the uninterrupted run
+    T.train(tiny_cfg(tmp_path / "b", stop_after=3, **common), dataset=items)
+    student_b, teacher_b = T.train(tiny_cfg(tmp_path / "b", resume=True, **common), dataset=items)
+    for a, b in ((student_a, student_b), (teacher_a, teacher_b)):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), name
+    resumed = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [r["step"] for r in resumed if "phase" in r] == [0, 2, 3]  # the resumed run says where it is
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -386,7 +417,7 @@ def dist_worker(rank, world_size, port, out_dir):
                        stop_after=2)
     distill.distill(dcfg, dataset=items)
     _, [st] = distill.distill(dataclasses.replace(dcfg, stop_after=0, resume=True), dataset=items)
-    results["distill_fsdp_resume"] = full_state_dicts(st.model, st.ema, None, dcfg)[1]  # the spare EMA
+    results["distill_fsdp_resume"] = full_state_dicts(st.ema, st.ema, None, dcfg)[0]  # the spare EMA
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "results.pt"))
     dist.destroy_process_group()
@@ -428,7 +459,7 @@ def test_two_ranks_match_one_process_ddp_fsdp2_accumulation_resume(tmp_path):
     # distillation under FSDP2, stopped and resumed, == one process uninterrupted (the students' spare EMA)
     _, [st] = distill.distill(distill_cfg(tmp_path / "distill_one", str(tmp_path / "teacher.pth")), dataset=items)
     assert_same_weights(results["distill_fsdp_resume"], st.ema.state_dict(), "distill FSDP2 resume")
-    assert not torch.equal(st.ema.backbone.cls_token, st.model.backbone.cls_token)
+    assert not torch.equal(st.ema.backbone.cls_token, st.student.model.backbone.cls_token)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -481,7 +512,7 @@ def test_command_line_trains_refuses_to_lose_work_and_resumes(idx_data):
     longer = run_cli("train.py", *common, "--resume", "--total_iters", "5", "--allow_changes", "true")
     assert longer.returncode == 0, longer.stderr[-2000:]
     assert torch.load(idx_data / "run" / "checkpoint.pth", weights_only=True)["step"] == 5
-    steps = [json.loads(line)["step"] for line in open(idx_data / "run" / "metrics.jsonl")]
+    steps = [r["step"] for r in map(json.loads, open(idx_data / "run" / "metrics.jsonl")) if "loss" in r]
     assert steps == sorted(set(steps))  # one row per step, none repeated
     empty = run_cli("train.py", "--output_dir", str(idx_data / "empty"), "--resume")
     assert empty.returncode == 2 and "no checkpoint" in empty.stderr.splitlines()[-1]
@@ -569,8 +600,8 @@ def test_mfu_is_logged_from_the_first_steps_flops(tmp_path, monkeypatch):
     """On a GPU with a known peak the loop counts the first step's FLOPs; here a 1 TFLOP/s "device" stands in."""
     monkeypatch.setattr(runtime, "peak_flops", lambda device: 1e12)
     T.train(tiny_cfg(tmp_path, total_iters=3), dataset=random_images())
-    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    flops = plan.trace_step(tiny_cfg(tmp_path), 8, memory=False)["flops_per_micro_batch"]
+    rows = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "loss" in r]
+    flops = plan.trace_step(tiny_cfg(tmp_path), 8, memory=False)["flops"]
     for r in rows:  # mfu = FLOPs per step / seconds per step / peak, and seconds = batch / images_per_s
         assert r["mfu"] == pytest.approx(flops / (8 / r["images_per_s"]) / 1e12, rel=0.02)
 
