@@ -1,33 +1,30 @@
-"""CPU benchmark of curate.py's deduplication and k-means (the numbers quoted in the README), and a measurement
-of its copy detection on real images.
+"""CPU benchmark of curate.py's deduplication and k-means (the README quotes its numbers beside these commands),
+and a measurement of its copy detection on real images.
 
 Data: clustered synthetic embeddings (random vectors have no real neighbours and make any index look bad):
 n_centers random directions, each image a noisy copy of its center (mean cosine ~0.45 inside a cluster), plus
 planted near-duplicates (cosine 0.75-0.95 to an original). Recall = planted copies that end in their
-original's component. Each stage runs in its own process so its peak memory (ru_maxrss) is its own.
+original's component. Each stage runs in its own process so its peak memory (ru_maxrss) is its own; each prints
+one JSON line with wall and CPU seconds (CPU seconds are not inflated by other jobs on the machine).
 
 Run:
-    OMP_WAIT_POLICY=PASSIVE python bench_curate.py                    # all stages, ~4.5 min
+    OMP_WAIT_POLICY=PASSIVE python bench_curate.py                    # all stages but copies
     python bench_curate.py --stage ivfpq --n 1000000                  # one stage
-    python bench_curate.py --stage copies                             # copy detection on Fashion-MNIST, ~2 min
-Stages: ivfpq = full self-dedup of n embeddings with IVF-PQ (4096 lists, 32 x 8-bit codes, nprobe 16);
+    python bench_curate.py --stage copies                             # copy detection on Fashion-MNIST
+Stages: ivfpq = full self-dedup of n embeddings with IVF-PQ (4096 lists, 32 x 8-bit codes, nprobe 16), with the
+        time of each part (train, add, search + exact rescoring, components) and how many pairs PQ scores put
+        above 0.6 against exact cosine among the same candidates (why curate.py rescores);
         exact = the same with IndexFlatIP at exact_n (all-vs-all costs ~(n/exact_n)^2 more at n: extrapolated);
         kmeans = faiss k-means of kmeans_n points into kmeans_k clusters, 20 iterations;
         copies = (not in "all") `curate.py dedup --preset tiny` on a folder of copies_n distinct Fashion-MNIST
         test images plus copies_per_kind edited copies of them per edit kind (COPY_EDITS), and an evaluation
         folder of copies_eval other test images of which the pool holds one edited copy each: precision over
-        merged pairs, recall per edit kind, share of the evaluation copies and of the rest removed.
+        merged pairs, recall per edit kind, share of the evaluation copies and of the rest removed. Its time
+        includes learning copydetect.py's projection when --out holds none.
 
-Measured (2 CPU cores shared with other jobs: wall ~= CPU seconds, i.e. about one core's worth):
-    ivfpq 1M:   175.5 s wall, 171.5 CPU-s (train 53, add 27, search + exact rescoring 96, components < 0.1),
-                peak RSS 1.74 GB, planted recall 99.48%, 3,696 natural pairs > 0.6 also merged
-    exact 100k: 49.8 s (search), recall 100%; at 1M ~100 x the search: ~80 min on this share, ~40 min on 2 cores
-    kmeans 200k -> 1,000, 20 iterations: 15.2 s, peak RSS 0.62 GB
-    copies (8,000 distinct + 6 x 500 copies + 1,000 evaluation copies = 12,000 images, 30-47 s with the learning
-                of copydetect.py's projection): precision 0.9905 over 2,946 merged pairs (25 distinct images merged
-                with another); recall brightness 0.976, contrast 1.0, noise 0.986, JPEG 1.0, shift+photometric
-                0.806, crop+rescale 0.406; relative deduplication removed 94.6% of the evaluation copies, 0.45% of
-                the rest
+Paper -> code
+  Sec. 3 "Implementation details", faiss at scale ..... dedup_stage (IVF-PQ or exact), kmeans_stage
+  App. A.3, copy detection (SSCD's role) .............. copies_stage: plant_copies (COPY_EDITS), copy_metrics
 """
 import dataclasses
 import json
@@ -44,8 +41,8 @@ from PIL import Image
 
 import cli
 import curate
-from copydetect import crop_resize, jpeg, shift
-from curate import CurateConfig, fill_index, kmeans, knn_edges, self_dedup, train_index
+from copydetect import crop_resize, fill_index, jpeg, kmeans, knn_edges, shift, train_index
+from curate import CurateConfig, self_dedup
 from data import FashionMNIST, build_dataset
 
 
@@ -53,18 +50,18 @@ from data import FashionMNIST, build_dataset
 class BenchConfig:
     stage: str = "all"  # all | ivfpq | exact | kmeans | copies (copies is not part of all)
     n: int = 1_000_000  # embeddings deduplicated with IVF-PQ
-    exact_n: int = 100_000  # embeddings deduplicated exactly (1M all-vs-all is ~40-50 min on 2 cores)
+    exact_n: int = 100_000  # embeddings deduplicated exactly (all-vs-all: cost grows as exact_n^2)
     dim: int = 256  # embedding width
     per_center: int = 100  # images per synthetic cluster
     spread: float = 1.1  # noise norm around a center: mean in-cluster cosine 1 / (1 + spread^2) ~ 0.45
     dup_fraction: float = 0.05  # share of the n embeddings that are planted near-duplicate copies
-    kmeans_n: int = 200_000
-    kmeans_k: int = 1_000
+    kmeans_n: int = 200_000  # points clustered in the kmeans stage
+    kmeans_k: int = 1_000  # clusters of the kmeans stage
     copies_n: int = 8_000  # distinct Fashion-MNIST test images in the copies stage's pool
     copies_per_kind: int = 500  # planted copies per edit kind
     copies_eval: int = 1_000  # evaluation images, each with one edited copy planted in the pool
     copies_flags: str = ""  # extra curate.py flags for the copies stage, e.g. "--dedup_threshold 0.8"
-    seed: int = 0
+    seed: int = 0  # random seed of the synthetic data and the planted copies
 
     def __post_init__(self):
         cli.one_of("stage", self.stage, ("all", "ivfpq", "exact", "kmeans", "copies"))
@@ -158,7 +155,7 @@ def kmeans_stage(cfg):
 # copydetect.py's learning, which uses training images), each edit kind measured on its own
 # ---------------------------------------------------------------------------------------------------------------
 def photometric(img, rng):
-    """One of: brightness x0.7-1.3, brightness +-0.15, contrast x0.7-1.3, Gaussian noise (sigma 0.02-0.05), JPEG."""
+    """One of: brightness x0.7-1.3 or +-0.15, contrast x0.7-1.3, Gaussian noise (sigma 0.02-0.05), JPEG."""
     kind = rng.integers(5)
     if kind == 4:
         return jpeg(img, rng.integers(40, 91))
@@ -244,7 +241,8 @@ def copies_stage(cfg):
         t = time.perf_counter()
         curate.main(["dedup", "--preset", "tiny", "--pool", f"{tmp}/pool", "--eval_sets", f"{tmp}/eval",
                      "--out", f"{tmp}/out", *cfg.copies_flags.split()])
-        return dict(stage="copies", seconds=round(time.perf_counter() - t, 1), **copy_metrics(f"{tmp}/out", planted))
+        seconds = round(time.perf_counter() - t, 1)
+        return dict(stage="copies", seconds=seconds, **copy_metrics(f"{tmp}/out", planted))
 
 
 def main():
@@ -256,7 +254,8 @@ def main():
         for stage in ("kmeans", "exact", "ivfpq"):
             subprocess.run([sys.executable, __file__, "--stage", stage] + args, check=True)
         n_ratio = (cfg.n / cfg.exact_n) ** 2
-        print(f"exact all-vs-all search at n={cfg.n}: ~{n_ratio:.0f} x the exact stage's search time (extrapolated)")
+        print(f"exact all-vs-all search at n={cfg.n}: ~{n_ratio:.0f} x the exact stage's search time "
+              f"(extrapolated)")
         return
     if cfg.stage == "kmeans":
         result = kmeans_stage(cfg)

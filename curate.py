@@ -3,64 +3,56 @@
 Uncurated pool + curated datasets -> an embedding of every image -> near-duplicates removed inside the pool ->
 pool images close to evaluation sets removed -> pool images close to each curated dataset retrieved ->
 curated.tsv (id, source, dataset), stats.json (every step), montage.png (duplicate groups, retrieved neighbours).
-As in the paper, two embeddings: a copy detector's for deduplication (--copy_checkpoint; the tiny preset uses
-copydetect.py's, a hand-made + learned-whitening stand-in for SSCD) and the retrieval backbone's (--checkpoint).
-Embeddings are cached in --out as emb_<name>_<key>.npy + a .json manifest (source path, backbone, image size,
-image count); under torchrun every rank writes page-aligned rows of the same file, so --out must be one folder
-that every node sees.
+As in the paper, two embeddings: a copy detector's for deduplication (--copy_checkpoint: a checkpoint, or "copy"
+for copydetect.py's SSCD stand-in) and the retrieval backbone's (--checkpoint). Deduplicating images without a
+copy detector is refused: at SSCD's thresholds (0.6 / 0.45) a retrieval embedding chains look-alike images of
+one class into one group; "--copy_checkpoint same" uses the retrieval embedding at thresholds given as flags.
+A precomputed .npy source is used as it is, for deduplication and retrieval alike. copydetect.py embeds image
+sources once, caches them in --out (under torchrun one folder every node sees; each rank embeds a slice) and
+holds the faiss search; this file holds the method: deduplication, retrieval and the outputs.
 
 Run (a source is an image folder, "fashion-mnist" / "fashion-mnist:test", or precomputed embeddings <name>.npy
 with an optional <name>.ids.txt; every sub-command takes the CurateConfig fields as --field value):
-    python curate.py run --preset tiny --pool fashion-mnist --curated fashion-mnist:test  # ~2 min on 2 CPU cores
-    python curate.py embed --pool <folder> --checkpoint teacher_backbone.pth    # -> out/curate/emb_<name>_<key>.npy
+    python curate.py run --preset tiny --pool fashion-mnist --curated fashion-mnist:test
+    python curate.py embed --pool <folder> --checkpoint teacher_backbone.pth  # -> out/curate/emb_<name>_<key>.npy
     torchrun --nproc_per_node 8 curate.py embed ...  # each rank embeds a contiguous slice of the images
     python curate.py dedup --pool emb.npy --eval_sets a.npy,b.npy               # -> out/curate/pool_status.npy
     torchrun --nnodes 20 --nproc_per_node 1 ... curate.py dedup ...  # one process per node, index on its GPUs
     python curate.py retrieve --pool emb.npy --curated c.npy                    # -> out/curate/curated.tsv
-    python bench_curate.py                           # 1M-embedding CPU benchmark (numbers in the README)
+    python bench_curate.py                           # the 1M-embedding CPU benchmark
 
 Paper -> code
-  Sec. 3, an embedding of every image ........................ embed (any backbone model.load_model reads),
-                                                               load_source (cache keyed by cache_key)
-  App. A.3, a copy-detection embedding (SSCD) ................ copydetect.CopyDescriptor (tiny preset)
-  App. A.2, cosine similarity ................................ rows normalised on read, faiss inner product
-  Sec. 3 "Implementation details", faiss IVF-PQ on GPUs ...... train_index, fill_index, knn, rescore
-  App. A.3, self-deduplication (k = 64, > 0.6, components) ... knn_edges, connected_components, self_dedup
+  Sec. 3, an embedding of every image ........................ copydetect.load_source, copydetect.embed
+  App. A.3, a copy-detection embedding (SSCD) ................ copydetect.CopyDescriptor (tiny preset), refusal
+  App. A.2, cosine similarity ................................ copydetect.rows_f32, faiss inner product
+  Sec. 3 "Implementation details", faiss IVF-PQ on GPUs ...... copydetect.train_index, fill_index, knn, rescore
+  App. A.3, self-deduplication (k = 64, > 0.6, components) ... pool_edges, connected_components, self_dedup
   App. A.3, relative deduplication (> 0.45, whole component) . relative_dedup
   App. A.4, sample-based retrieval (k nearest per image) ..... sample_retrieval, sample_k_of (32 for IN-1k)
-  App. A.4, cluster-based retrieval (> 3 images, 10k, 1M) .... kmeans, assign, cluster_retrieval
+  App. A.4, cluster-based retrieval (> 3 images, 10k, 1M) .... copydetect.kmeans, assign; cluster_retrieval
   Vo et al. 2024, hierarchical k-means, balanced sampling .... hierarchical_kmeans, balanced_split,
                                                                hierarchical_sampling
 
 Shape legend: N pool images, Q queries, D embedding width, k neighbours, C clusters.
 """
 import dataclasses
-import hashlib
 import json
-import math
-import os
 import sys
-from collections import namedtuple
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import faiss
 import numpy as np
-import torch
 import torch.distributed as dist
-from faiss.contrib import ivf_tools
 from PIL import Image, ImageDraw, ImageFont
-from torch.utils.data import Subset
 
 import cli
 from cli import at_least, in_range, one_of
-from copydetect import VERSION as COPY_VERSION
-from copydetect import load_copy_descriptor
-from data import build_dataset, extract_features
-from model import load_model
-from runtime import progress
+from copydetect import (Source, assign, fill_index, images_of, kmeans, knn, knn_edges,  # noqa: F401 (Source,
+                        load_source, read_ids, rows_f32, train_index)  # built by callers: tests, studies.py)
+from losses import is_dist
+from runtime import get_rank, print0, setup_distributed
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -68,24 +60,24 @@ from runtime import progress
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class CurateConfig:
-    # sources (comma-separated lists) and outputs
+    # --- sources (comma-separated lists) and outputs
     pool: str = ""  # the uncurated source (Sec. 3: 1.2B web images)
     curated: str = ""  # curated datasets to retrieve for (Tab. 15: ImageNet-22k, ImageNet-1k, Landmarks, ...)
     eval_sets: str = ""  # evaluation sets to deduplicate against (App. A.3: train and test splits of benchmarks)
     out: str = "out/curate"  # output folder
     checkpoint: str = ""  # backbone for embeddings (paper: SSL ViT-H/16 on IN-22k); "pixels" = standardised pixels
-    copy_checkpoint: str = ""  # embedding for deduplication (App. A.3: the SSCD copy detector); "" = checkpoint;
-    # "copy" = copydetect.py's descriptor for 28-px grey images (learned whitening, an SSCD stand-in)
+    copy_checkpoint: str = ""  # dedup embedding (App. A.3: SSCD): a checkpoint, "copy" (copydetect.py), "same"
     image_size: int = 224  # embedding input resolution, px
     batch_size: int = 256  # images per embedding forward
     num_workers: int = 8  # DataLoader workers decoding images for the embedding
-    emb_dtype: str = "float16"  # stored embeddings; float16 halves the disk (2.4 TB at 1.2B x 1024)
+    # float16 halves the disk: 2.4 TB at 1.2B images x 1024 dimensions
+    emb_dtype: str = "float16"  # dtype of the stored embeddings: float16 or float32
     embed_chunk: int = 65536  # images per extract_features call (bounds host memory)
-    # deduplication (App. A.3)
+    # --- deduplication (App. A.3)
     dedup_k: int = 64  # nearest neighbours searched per pool image
     dedup_threshold: float = 0.6  # cosine above which two pool images are duplicates
     relative_threshold: float = 0.45  # cosine above which a pool image duplicates an evaluation image
-    # retrieval (App. A.4)
+    # --- retrieval (App. A.4)
     retrieval: str = "auto"  # auto | sample | cluster | hierarchical; auto: sample-based for large datasets
     sample_min_size: int = 1_000_000  # auto: datasets of at least this many images use sample-based retrieval
     sample_k: int = 4  # pool neighbours per curated image (paper: 4 for most datasets)
@@ -96,25 +88,25 @@ class CurateConfig:
     cluster_take: int = 10_000  # M: pool images sampled from each retrieved cluster
     dataset_cap: int = 1_000_000  # most images retrieved through clusters for one dataset
     kmeans_iters: int = 20  # Lloyd iterations of the retrieval k-means
-    # hierarchical k-means + balanced sampling (Vo et al. 2024: 4 levels, 10M/500k/50k/10k clusters of 743M images)
+    # --- hierarchical k-means + balanced sampling (Vo et al. 2024: 4 levels, 10M/500k/50k/10k clusters)
     hkm_branching: str = "74,20,10,5"  # points per cluster at level 1, then centroids per cluster at each level
     hkm_resample: str = "1,10,5,3"  # r closest points per cluster refit in the resampling steps (<= 1: none)
     hkm_resample_steps: int = 10  # resampling-clustering steps per level
     hkm_target: int = 142_000_000  # images to sample (LVD-142M's size, for comparison)
     hkm_strategy: str = "c"  # inside a leaf cluster: c = closest to the centroid first, r = random
     hkm_iters: int = 50  # Lloyd iterations per level (ssl-data-curation's configs: 50)
-    # faiss (Sec. 3 "Implementation details")
+    # --- faiss (Sec. 3 "Implementation details"; IVF-PQ settings are ours, bench_curate.py measures them)
     exact_max: int = 200_000  # pools up to this size use exact IndexFlatIP, larger ones IVF-PQ
     ivf_lists: int = 0  # inverted lists; 0 = the power of two nearest 4 sqrt(N) (4096 at 1M)
-    ivf_train_per_list: int = 64  # coarse k-means points per list (16: 97.3% of planted duplicates at 1M)
-    ivf_train_iters: int = 10  # Lloyd iterations of the coarse k-means (5: 98.7%, 10: 99.5% at 1M)
+    ivf_train_per_list: int = 64  # coarse k-means training points per inverted list
+    ivf_train_iters: int = 10  # Lloyd iterations of the coarse k-means
     pq_m: int = 32  # PQ sub-quantizers = bytes per code at 8 bits
     pq_bits: int = 8  # bits per sub-quantizer code
     nprobe: int = 16  # inverted lists visited per query
-    refine: int = 10  # PQ retrieval re-ranks refine x k candidates exactly (4: 84%, 10: 99% of the true 4-NN)
+    refine: int = 10  # sample retrieval with PQ re-ranks refine x k candidates by exact cosine
     query_batch: int = 16384  # queries per search call (bounds memory: query_batch x k candidates)
     gpu: bool = True  # faiss GPU indexes and k-means when faiss sees GPUs
-    seed: int = 0
+    seed: int = 0  # random seed of sampling and k-means
     montage_rows: int = 6  # duplicate groups and retrieval examples drawn in montage.png
 
     def __post_init__(self):
@@ -136,12 +128,10 @@ class CurateConfig:
             in_range(name, getattr(self, name), -1.0, 1.0)
 
 
-PRESETS = {  # tiny: Fashion-MNIST-sized pools on a laptop CPU without a trained model. Deduplication uses the
-    # copy descriptor of copydetect.py, thresholds chosen with `python bench_curate.py --stage copies [--copies_flags
-    # "--dedup_threshold 0.85"]`: 0.875 merges pairs at precision 0.99 and finds 81% of 1-2 px shifted copies
-    # (0.85: 0.978 and 85%); relative 0.8 removes 94.6% of the planted evaluation copies and 0.45% of the rest
-    # (0.78: 95.6% and 0.66%). Retrieval uses standardised pixels, a stand-in for a trained backbone (pass
-    # --checkpoint runs/tiny/teacher_backbone.pth).
+# tiny: Fashion-MNIST-sized pools on a laptop CPU without a trained model. Deduplication uses copydetect.py's
+# descriptor at thresholds chosen on planted copies (`python bench_curate.py --stage copies`, README);
+# retrieval uses standardised pixels, a stand-in for a trained backbone (--checkpoint teacher_backbone.pth).
+PRESETS = {
     "tiny": dict(checkpoint="pixels", copy_checkpoint="copy", image_size=28, batch_size=512, num_workers=0,
                  images_per_cluster=1000, cluster_take=200, dataset_cap=5000, hkm_branching="20,10",
                  hkm_resample="1,4", hkm_resample_steps=3, hkm_target=5000, dedup_threshold=0.875,
@@ -152,322 +142,35 @@ COMMANDS = ("embed", "dedup", "retrieve", "run")
 
 def parse_config(argv):
     """`<command> [--preset name] [--field value ...]` -> (command, CurateConfig), with cli.py's convention:
-    --help lists every field; an unknown field or a bad value is a one-line error with exit status 2."""
+    --help lists every field; an unknown field, a bad value or a deduplication without a copy detector is a
+    one-line error with exit status 2."""
     cfg, args = cli.parse_config(CurateConfig, argv, presets=PRESETS, prog="curate.py",
                                  positionals=[("command", "what to run", dict(choices=COMMANDS))],
                                  description=__doc__.split("\n\n")[0])
+    problem = refusal(args.command, cfg, args.overrides)
+    if problem:
+        cli.error(problem, "curate.py")
     return args.command, cfg
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Distributed helpers (torchrun is optional: without RANK in the environment everything runs as one process)
-# ---------------------------------------------------------------------------------------------------------------
-def dist_info():
-    """-> (rank, world size); the process group is created on first use when torchrun set RANK."""
-    if "RANK" in os.environ and dist.is_available() and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        # Long timeout: ranks wait at barriers while rank 0 writes a billion ids or the slowest rank searches.
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=12))
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def print0(*args):
-    if dist_info()[0] == 0:
-        print(*args, flush=True)
-
-
-def use_gpu(cfg):
-    return cfg.gpu and (faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0) > 0
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Sources and embeddings (Sec. 3: "we first compute an image embedding")
-# ---------------------------------------------------------------------------------------------------------------
-Source = namedtuple("Source", "name x ids_path dataset")  # x: [N,D] memmap; dataset: images for the montage
-PAGE = 4096  # bytes: rank slices of one embedding file start on page boundaries (no page shared by two writers)
-
-
-class PixelEmbedder(torch.nn.Module):
-    """Stand-in backbone for demos and tests: standardised grey pixels (cosine = pixel correlation)."""
-
-    def __init__(self, image_size):
-        super().__init__()
-        self.embed_dim = image_size * image_size
-
-    def forward(self, x):  # [B,3,H,W] -> [B,HW]
-        x = x.mean(dim=1).flatten(1)
-        return x - x.mean(dim=1, keepdim=True)
-
-
-def source_name(spec):
-    path = Path(spec.replace(":", "-"))
-    return path.stem if spec.endswith(".npy") else path.name
-
-
-def open_dataset(spec):
-    data, _, split = spec.partition(":")  # "fashion-mnist:test" -> the test split
-    return build_dataset(data, train=split != "test")
-
-
-def build_backbone(checkpoint, cfg, device):
-    """"pixels", "copy" (copydetect.py, learned once and cached in --out) or a model.load_model checkpoint."""
-    if checkpoint == "pixels":
-        return PixelEmbedder(cfg.image_size)
-    if checkpoint == "copy":
-        return load_copy_descriptor(Path(cfg.out) / f"copy_descriptor_{COPY_VERSION}.npz")
-    if checkpoint:
-        return load_model(checkpoint).to(device)
-    sys.exit("embedding images needs --checkpoint (a model.load_model checkpoint, 'pixels' or 'copy')")
-
-
-def cache_key(spec, checkpoint, cfg, n):
-    """What an embedding file depends on: the source (absolute path), the backbone (a file's path, size and
-    modification time; a built-in's name and version), the input size and the number of images."""
-    data, sep, split = spec.partition(":")
-    source = spec if data == "fashion-mnist" else os.path.abspath(data) + sep + split
-    if os.path.isfile(checkpoint):
-        st = os.stat(checkpoint)
-        backbone = f"{os.path.abspath(checkpoint)} {st.st_size} {st.st_mtime_ns}"
-    else:
-        backbone = f"{checkpoint} {COPY_VERSION}" if checkpoint == "copy" else checkpoint
-    return dict(source=source, checkpoint=backbone, image_size=cfg.image_size, count=n)
-
-
-def open_aligned_npy(path, shape, dtype):
-    """A new .npy file of zeros whose data starts at byte PAGE: the header is padded with spaces (allowed by the
-    format) so that row slices computed by row_slice start on page boundaries. -> writable memmap."""
-    header = repr(dict(descr=np.lib.format.dtype_to_descr(np.dtype(dtype)), fortran_order=False,
-                       shape=tuple(shape)))
-    prefix = b"\x93NUMPY\x01\x00"  # magic, format version 1.0, then the header length (uint16) and the header
-    with open(path, "wb") as f:
-        f.write(prefix + (PAGE - 10).to_bytes(2, "little") + header.ljust(PAGE - 11).encode() + b"\n")
-        f.truncate(PAGE + int(np.prod(shape)) * np.dtype(dtype).itemsize)
-    return np.load(path, mmap_mode="r+")
-
-
-def row_slice(n, row_bytes, rank, world):
-    """Contiguous rows [lo, hi) of rank out of world, with lo * row_bytes a multiple of PAGE."""
-    align = PAGE // math.gcd(row_bytes, PAGE)  # rows per whole number of pages
-    lo, hi = (min(n, round(n * r / world / align) * align) for r in (rank, rank + 1))
-    return lo, (n if rank == world - 1 else hi)
-
-
-def embed(spec, dataset, checkpoint, cfg, path):
-    """Embed every image of `dataset` into `path` ([N,D] .npy of L2-normalised embeddings) + `<stem>.ids.txt`.
-    Under torchrun each rank writes a contiguous, page-aligned slice of rows into one memory-mapped file, which
-    must sit on a folder every rank sees (a shared --out across nodes). Written under a temporary name and
-    renamed when complete, so a crashed run leaves nothing that a later run would reuse."""
-    rank, world = dist_info()
-    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-    backbone = build_backbone(checkpoint, cfg, device)
-    n, tmp = len(dataset), Path(path).with_suffix(".tmp.npy")
-    if rank == 0:
-        open_aligned_npy(tmp, (n, backbone.embed_dim), cfg.emb_dtype)
-    barrier()
-    emb = np.load(tmp, mmap_mode="r+")
-    lo, hi = row_slice(n, emb.shape[1] * emb.itemsize, rank, world)
-    for start in range(lo, hi, cfg.embed_chunk):
-        end = min(start + cfg.embed_chunk, hi)
-        feats, _ = extract_features(backbone, Subset(dataset, range(start, end)), cfg.image_size,
-                                    cfg.batch_size, device, cfg.num_workers)  # [n,D] float32, L2-normalised
-        emb[start:end] = feats.numpy().astype(emb.dtype)
-    emb.flush()
-    del emb
-    barrier()
-    if rank == 0:
-        paths = getattr(dataset, "paths", None)  # ImageFolder ids are file paths; others are "<name>:<row>"
-        ids = Path(path).with_suffix(".ids.tmp.txt")
-        with open(ids, "w") as f:
-            f.writelines(f"{paths[i] if paths else f'{source_name(spec)}:{i}'}\n" for i in range(n))
-        ids.replace(Path(path).with_suffix(".ids.txt"))
-        tmp.replace(path)
-
-
-def load_source(spec, cfg, checkpoint=None):
-    """A source spec -> Source. Image sources are embedded with `checkpoint` (default --checkpoint) into
-    <out>/emb_<name>_<key>.npy on first use; <key> hashes cache_key, also written as a manifest (.json) beside
-    it, so another folder of the same name, another backbone, size or image count never reuses the file."""
-    name, dataset = source_name(spec), None
-    if spec.endswith(".npy"):
-        path = Path(spec)
-    else:
-        checkpoint = cfg.checkpoint if checkpoint is None else checkpoint
-        dataset = open_dataset(spec)
-        key = cache_key(spec, checkpoint, cfg, len(dataset))
-        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-        path = Path(cfg.out) / f"emb_{name}_{digest}.npy"
-        manifest = path.with_suffix(".json")
-        fresh = manifest.exists() and path.exists() and json.loads(manifest.read_text()) == key
-        barrier()  # every rank has looked before rank 0 writes anything
-        if not fresh:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            embed(spec, dataset, checkpoint, cfg, str(path))
-            if dist_info()[0] == 0:
-                manifest.write_text(json.dumps(key, indent=1))  # last: the manifest vouches for a whole file
-            barrier()
-        print0(f"{spec}: embeddings {path} ({key['checkpoint']})")
-    ids_path = path.with_suffix(".ids.txt")
-    return Source(name, np.load(path, mmap_mode="r"), ids_path if ids_path.exists() else None, dataset)
-
-
-def read_ids(src, rows=None):
-    """Ids of the given rows (all when None), in their order, read in one pass over the ids file."""
-    if src.ids_path is None:
-        return [f"{src.name}:{r}" for r in (range(len(src.x)) if rows is None else rows)]
-    with open(src.ids_path) as f:
-        if rows is None:
-            return [line.rstrip("\n") for line in f]
-        wanted, found = set(int(r) for r in rows), {}
-        for i, line in enumerate(f):
-            if i in wanted:
-                found[i] = line.rstrip("\n")
-    return [found[int(r)] for r in rows]
-
-
-def rows_f32(x, idx):
-    """float32 L2-normalised copy of x[idx]: normalising on read makes unnormalised precomputed embeddings safe."""
-    v = np.asarray(x[idx], dtype=np.float32)
-    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# faiss: k-means, indexes, k-NN search with exact rescoring (Sec. 3 "Implementation details")
-# ---------------------------------------------------------------------------------------------------------------
-# A filled index over x[rows]: results map back to rows of x; exact = CPU flat index (scores need no rescoring);
-# inv_norm [N] = 1 / |x_i| for the rescoring; probes = the rows' (coarse cosines, nearest lists) [n,nprobe].
-Knn = namedtuple("Knn", "index rows exact x inv_norm probes")
-
-
-def kmeans(v, k, cfg, niter=None, plusplus=False, spherical=True):
-    """k-means of rows v [n,D] -> centroids [C,D]; faiss trains on <= 256 points per centroid. Spherical (unit
-    centroids, cosine) for retrieval and the IVF lists; plain L2 for hierarchical k-means. Seeds: k random points
-    (faiss), or k-means++ (Arthur & Vassilvitskii 2007: each next seed drawn with probability proportional to its
-    squared distance to the seeds so far; k passes over the data, O(n k D))."""
-    v = np.ascontiguousarray(v, dtype=np.float32)
-    km = faiss.Kmeans(v.shape[1], k, niter=niter or cfg.kmeans_iters, seed=cfg.seed, spherical=spherical,
-                      gpu=use_gpu(cfg), min_points_per_centroid=1, max_points_per_centroid=256)
-    seeds = None
-    if plusplus:  # in torch: one multithreaded matrix-vector product per seed
-        pts, gen, seeds = torch.from_numpy(v), torch.Generator().manual_seed(cfg.seed), [0]
-        sq = (pts * pts).sum(1)  # [n] squared norms
-        d2 = (sq - 2 * pts @ pts[0] + sq[0]).clamp(min=0)  # [n] squared distance to the nearest seed
-        for _ in range(k - 1):
-            seeds.append(int(torch.multinomial(d2, 1, generator=gen)) if d2.sum() > 0 else
-                         int(torch.randint(len(v), (1,), generator=gen)))
-            d2 = torch.minimum(d2, (sq - 2 * pts @ pts[seeds[-1]] + sq[seeds[-1]]).clamp(min=0))
-    km.train(v, init_centroids=None if seeds is None else v[seeds])
-    return km.centroids
-
-
-def assign(x, rows, centroids, cfg):
-    """Nearest centroid (cosine) of every x[rows] -> (cluster ids [n], cosine to it [n]), batched."""
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index = faiss.index_cpu_to_all_gpus(index) if use_gpu(cfg) else index
-    index.add(centroids)
-    labels, sims, b = np.empty(len(rows), np.int64), np.empty(len(rows), np.float32), cfg.query_batch
-    for s in progress(range(0, len(rows), b), desc="assign", leave=False, disable=len(rows) <= b):
-        D, I = index.search(rows_f32(x, rows[s:s + b]), 1)  # [b,1]
-        labels[s:s + b], sims[s:s + b] = I[:, 0], D[:, 0]
-    return labels, sims
-
-
-def train_index(x, rows, cfg):
-    """Empty trained index for x[rows]: exact IndexFlatIP for small pools, IVF-PQ (as in the paper) for large."""
-    d = x.shape[1]
-    if len(rows) <= cfg.exact_max:
-        return faiss.IndexFlatIP(d)
-    nlist = cfg.ivf_lists or int(2 ** round(np.log2(4 * np.sqrt(len(rows)))))
-    rng = np.random.default_rng(cfg.seed)
-    sample = rows_f32(x, np.sort(rng.choice(rows, min(len(rows), nlist * cfg.ivf_train_per_list), replace=False)))
-    quantizer = faiss.IndexFlatIP(d)
-    quantizer.add(kmeans(sample, nlist, cfg, cfg.ivf_train_iters))  # holding nlist centroids: IVF trains PQ only
-    m = max(m for m in range(1, cfg.pq_m + 1) if d % m == 0)  # PQ needs m | d (784 = 28 x 28: 28, not 32)
-    if m != cfg.pq_m:
-        print0(f"IVF-PQ: {m} sub-quantizers instead of pq_m={cfg.pq_m}, which does not divide the width {d}")
-    index = faiss.IndexIVFPQ(quantizer, d, nlist, m, cfg.pq_bits, faiss.METRIC_INNER_PRODUCT)
-    index.pq.cp.min_points_per_centroid = 1  # small pools: codebooks from what there is, no warnings
-    index.train(sample[:64 << cfg.pq_bits])  # PQ codebooks on the residuals, 64 points per code
-    return index
-
-
-def fill_index(template, x, rows, cfg, keep_probes=False):
-    """A copy of a trained empty index holding x[rows], sharded over the GPUs when present -> Knn.
-    keep_probes (IVF on CPU): keep each row's nprobe nearest lists, so that searching the pool with itself
-    (self-deduplication) reuses them instead of running the coarse quantizer a second time."""
-    rows, ivf = np.asarray(rows), not isinstance(template, faiss.IndexFlat)
-    index = faiss.clone_index(template)
-    keep_probes = keep_probes and ivf and not use_gpu(cfg)
-    if keep_probes:
-        Dq, Iq = np.empty((len(rows), cfg.nprobe), np.float32), np.empty((len(rows), cfg.nprobe), np.int64)
-    inv_norm = np.zeros(len(x), np.float32)
-    if ivf:
-        index.nprobe = cfg.nprobe
-    if use_gpu(cfg):
-        co = faiss.GpuMultipleClonerOptions()
-        co.shard, co.useFloat16 = True, True  # the database split over the GPUs (Sec. 3: 8 V100 per node)
-        index = faiss.index_cpu_to_all_gpus(index, co)
-        if ivf:
-            faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", cfg.nprobe)
-    b = cfg.query_batch
-    for s in progress(range(0, len(rows), b), desc="index add", leave=False, disable=len(rows) <= b):
-        v = np.asarray(x[rows[s:s + b]], dtype=np.float32)  # [b,D]
-        inv_norm[rows[s:s + b]] = 1 / np.maximum(np.linalg.norm(v, axis=1), 1e-12)
-        v *= inv_norm[rows[s:s + b], None]
-        if keep_probes:
-            Dq[s:s + b], Iq[s:s + b] = index.quantizer.search(v, cfg.nprobe)  # [b,nprobe] nearest lists
-            ivf_tools.add_preassigned(index, v, np.ascontiguousarray(Iq[s:s + b, 0]))
-        else:
-            index.add(v)
-    exact = not ivf and not use_gpu(cfg)  # GPU flat indexes hold float16: their scores are rescored too
-    return Knn(index, rows, exact, x, inv_norm, (Dq, Iq) if keep_probes else None)
-
-
-def rescore(knn_index, q, I, chunk=1024):
-    """Exact cosine of queries q [Q,D] with their candidates x[I] [Q,k] (-inf where I < 0). PQ scores are off
-    both ways (bench_curate.py, 1M: 4.6x more candidate pairs above 0.6 than exact cosine, true copies ~0.15
-    low), so no threshold or ranking ever uses them. Memory-bound: chunks run in threads (numpy releases the GIL
-    in gathers and matmuls)."""
-    S = np.empty(I.shape, np.float32)
-
-    def score(s):
-        valid = I[s:s + chunk] >= 0
-        rows = np.where(valid, I[s:s + chunk], 0)
-        cand = np.asarray(knn_index.x[rows], dtype=np.float32)  # [q,k,D]
-        dots = np.matmul(cand, q[s:s + chunk, :, None])[..., 0]  # [q,k,D] @ [q,D,1] -> [q,k]
-        S[s:s + chunk] = np.where(valid, dots * knn_index.inv_norm[rows], -np.inf)
-
-    with ThreadPoolExecutor(faiss.omp_get_max_threads()) as pool:
-        list(pool.map(score, range(0, len(I), chunk)))
-    return S
-
-
-def knn(knn_index, q, qrows, k, cfg, probes=None):
-    """Yield (query rows, neighbour rows of x [b,k], exact cosine [b,k]) per batch of queries q[qrows].
-    probes: the queries' (coarse cosines, lists) [Q,nprobe] when known (fill_index keep_probes)."""
-    b = cfg.query_batch
-    for s in progress(range(0, len(qrows), b), desc=f"search k={k}", leave=False, disable=len(qrows) <= b):
-        qb = rows_f32(q, qrows[s:s + b])  # [b,D]
-        if probes is None:
-            D, I = knn_index.index.search(qb, k)  # [b,k] positions in knn_index.rows
-        else:
-            D, I = ivf_tools.search_preassigned(knn_index.index, qb, k, probes[1][s:s + b], probes[0][s:s + b])
-        I = np.where(I >= 0, knn_index.rows[np.maximum(I, 0)], -1)
-        yield qrows[s:s + b], I, (np.where(I >= 0, D, -np.inf) if knn_index.exact else rescore(knn_index, qb, I))
-
-
-def knn_edges(knn_index, q, qrows, k, threshold, cfg, skip_self=False, probes=None):
-    """Pairs (query row, pool row, exact cosine) among each query's k nearest with cosine > threshold."""
-    a, b, s = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
-    for qr, I, S in knn(knn_index, q, qrows, k + int(skip_self), cfg, probes):
-        r, c = np.nonzero((S > threshold) & ((I != qr[:, None]) if skip_self else True))
-        a.append(qr[r]), b.append(I[r, c]), s.append(S[r, c])
-    return np.concatenate(a), np.concatenate(b), np.concatenate(s)
+def refusal(cmd, cfg, given):
+    """Why cmd must not run with cfg (given: the fields set by flags), or None. Deduplicating images needs a
+    copy-detection embedding: SSCD's thresholds on a retrieval embedding merge look-alike images of one
+    class (App. A.3). A .npy source is an embedding already chosen by the user."""
+    if not cfg.pool:
+        return "--pool is required: an image folder, fashion-mnist[:test] or embeddings <name>.npy"
+    images = [s for s in [cfg.pool, *cfg.eval_sets.split(",")] if s and not s.endswith(".npy")]
+    if cmd not in ("dedup", "run") or not images:
+        return None
+    if not cfg.copy_checkpoint:
+        return ("--copy_checkpoint: deduplication needs a copy detector (App. A.3): pass --copy_checkpoint "
+                "<file> or copy (copydetect.py's descriptor), or same with --dedup_threshold and "
+                "--relative_threshold chosen for the --checkpoint embedding")
+    if cfg.copy_checkpoint == "same" and not {"dedup_threshold", "relative_threshold"} <= set(given):
+        return ("--copy_checkpoint same: give --dedup_threshold and --relative_threshold chosen for the "
+                f"--checkpoint embedding (the defaults {CurateConfig.dedup_threshold} / "
+                f"{CurateConfig.relative_threshold} are SSCD's)")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -514,14 +217,14 @@ def relative_dedup(keep, a, b, s, touched, cfg):
 def pool_edges(index, pool, threshold, cfg):
     """The pool searched with itself -> pairs (a, b, exact cosine > threshold). Under torchrun every rank holds
     the whole index and searches a contiguous slice of the queries; rank 0 gathers the pairs (None elsewhere)."""
-    rank, world = dist_info()
+    rank, world, _ = setup_distributed()
     lo, hi = len(pool.x) * rank // world, len(pool.x) * (rank + 1) // world
     probes = None if index.probes is None else (index.probes[0][lo:hi], index.probes[1][lo:hi])
     edges = knn_edges(index, pool.x, np.arange(lo, hi), cfg.dedup_k, threshold, cfg, skip_self=True, probes=probes)
     if world == 1:
         return edges
     np.savez(Path(cfg.out) / f"edges.rank{rank}.npz", *edges)
-    barrier()
+    dist.barrier()
     if rank > 0:
         return None
     paths = [Path(cfg.out) / f"edges.rank{r}.npz" for r in range(world)]
@@ -580,7 +283,8 @@ def sample_k_of(name, cfg):
 
 def sample_retrieval(knn_index, q, cfg, k=None):
     """The k (default sample_k) nearest pool images of every query, de-duplicated across queries -> (pool rows,
-    stats). With PQ, refine x k candidates are re-ranked by exact cosine, so the k kept are (nearly) the true top k."""
+    stats). With PQ, refine x k candidates are re-ranked by exact cosine, so the k kept are (nearly) the true
+    top k."""
     k, hits = k or cfg.sample_k, []
     for _, I, S in knn(knn_index, q, np.arange(len(q)), k if knn_index.exact else k * cfg.refine, cfg):
         top = np.argsort(-S, axis=1, kind="stable")[:, :k]  # [b,k] by exact cosine
@@ -616,9 +320,8 @@ def hierarchical_kmeans(v, cfg):
     """Vo et al. 2024: level 1 clusters the points, level l > 1 the centroids of level l - 1. Resampling steps
     refit each level's centroids on the r points closest to each of them, which moves the centroids towards a
     uniform cover of the data. As in their code (facebookresearch/ssl-data-curation): L2 k-means, hkm_iters
-    Lloyd iterations, k-means++ seeds at every level (on the level-1 points that costs k passes over the data:
-    minutes at 100k points and 5k clusters on a CPU). -> (assignment per level, minus the squared distance of each
-    point to its level-1 centroid: larger is closer)."""
+    Lloyd iterations, k-means++ seeds at every level (k passes over the level's points). -> (assignment per
+    level, minus the squared distance of each point to its level-1 centroid: larger is closer)."""
     branching = [int(t) for t in cfg.hkm_branching.split(",")]
     resample = [int(t) for t in cfg.hkm_resample.split(",")]
     pts, assigns, leaf_sim = v, [], None
@@ -728,15 +431,6 @@ def write_curated(path, curated, retrieved, pool):
     return counts
 
 
-def images_of(src, rows, size=64):
-    """PIL images of rows of a source: from its dataset, or from its ids when they are image paths."""
-    if src.dataset is not None:  # [3,H,W] in [0,1] -> PIL
-        images = [Image.fromarray(np.uint8(src.dataset[int(r)][0].permute(1, 2, 0).numpy() * 255)) for r in rows]
-    else:
-        images = [Image.open(p).convert("RGB") for p in read_ids(src, rows) if os.path.isfile(p)]
-    return [im.resize((size, size)) for im in images]
-
-
 def draw_examples(pool, roots, curated, retrieved, cfg, path, size=64):
     """montage.png: the largest duplicate groups (kept image first), then images of the first curated dataset
     with their nearest retrieved pool images. False when there are no images to draw."""
@@ -747,8 +441,10 @@ def draw_examples(pool, roots, curated, retrieved, cfg, path, size=64):
     for src, (got, source, _) in list(zip(curated, retrieved))[:1]:
         if source.endswith("-retrieved") and len(got):
             index = fill_index(faiss.IndexFlatIP(pool.x.shape[1]), pool.x, got, cfg)
-            for q, I, _ in knn(index, src.x, np.arange(min(cfg.montage_rows, len(src.x))), cfg.sample_k, cfg):
-                rows += [(f"query {i} -> {source}", images_of(src, [i]) + images_of(pool, r)) for i, r in zip(q, I)]
+            queries = np.arange(min(cfg.montage_rows, len(src.x)))
+            for q, I, _ in knn(index, src.x, queries, cfg.sample_k, cfg):  # I [b,k] nearest retrieved rows
+                rows += [(f"query {i} -> {source}", images_of(src, [i]) + images_of(pool, r))
+                         for i, r in zip(q, I)]
     rows = [(title, ims) for title, ims in rows if ims]
     if not rows:
         return False
@@ -770,24 +466,23 @@ def run(cmd, cfg):
     out.mkdir(parents=True, exist_ok=True)
     stats_path, status_path, roots_path = out / "stats.json", out / "pool_status.npy", out / "pool_roots.npy"
     stats = json.loads(stats_path.read_text()) if stats_path.exists() and cmd != "run" else {}
-    if not cfg.pool:
-        sys.exit("--pool is required")
     # Two embeddings as in the paper: the copy detector's for deduplication (App. A.3), the retrieval backbone's
-    # for retrieval (App. A.4); one file when both are the same backbone, or for precomputed .npy sources.
-    copy_checkpoint = cfg.copy_checkpoint or cfg.checkpoint
-    pool_copy = load_source(cfg.pool, cfg, copy_checkpoint) if cmd != "retrieve" else None
+    # for retrieval (App. A.4); one file for "same" or a precomputed .npy pool. parse_config refused the rest.
+    copy = cfg.checkpoint if cfg.copy_checkpoint == "same" else cfg.copy_checkpoint
+    deduplicating = cmd in ("dedup", "run")
+    pool_copy = load_source(cfg.pool, cfg, copy) if deduplicating or (cmd == "embed" and copy) else None
     pool = load_source(cfg.pool, cfg) if cmd != "dedup" else pool_copy
     curated = [load_source(s, cfg) for s in cfg.curated.split(",") if s]
-    evals = [load_source(s, cfg, copy_checkpoint) for s in cfg.eval_sets.split(",") if s and cmd != "retrieve"]
-    if cmd == "embed" or (dist_info()[0] > 0 and cmd == "retrieve"):  # ranks > 0: embedding, pool search
+    evals = [load_source(s, cfg, copy) for s in cfg.eval_sets.split(",") if s and deduplicating]
+    if cmd == "embed" or (get_rank() > 0 and cmd == "retrieve"):  # ranks > 0: embedding, pool search
         return
     template, retrieved = None, []
-    if cmd in ("dedup", "run"):
+    if deduplicating:
         result = dedup(pool_copy, evals, cfg, stats)
         if result is None:  # ranks > 0 after their slice of the pool search; the rest runs on rank 0
             return
         status, roots, template = result
-        if copy_checkpoint != cfg.checkpoint and not cfg.pool.endswith(".npy"):
+        if copy != cfg.checkpoint and not cfg.pool.endswith(".npy"):
             template = None  # an index trained on the copy embeddings does not fit the retrieval ones
         np.save(status_path, status)
         np.save(roots_path, roots)  # the kept image of each pool image's duplicate group
@@ -805,11 +500,13 @@ def run(cmd, cfg):
 
 def main(argv=None):
     cmd, cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    # Long collective timeout: ranks wait at barriers while rank 0 writes a billion ids or the slowest searches.
+    setup_distributed(timeout=timedelta(hours=12))
     print0(f"curate.py {cmd}: {dataclasses.asdict(cfg)}")
     try:
         run(cmd, cfg)
     finally:
-        if dist.is_initialized():
+        if is_dist():
             dist.destroy_process_group()
 
 

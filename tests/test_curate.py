@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import copydetect
 import curate
 from bench_curate import copy_metrics, plant_copies
-from curate import (CurateConfig, Source, balanced_split, cluster_retrieval, connected_components, dedup,
-                    fill_index, hierarchical_kmeans, hierarchical_sampling, sample_retrieval, train_index)
+from copydetect import Source, fill_index, train_index
+from curate import (CurateConfig, balanced_split, cluster_retrieval, connected_components, dedup,
+                    hierarchical_kmeans, hierarchical_sampling, sample_retrieval)
 
 
 def unit(v):
@@ -236,11 +238,9 @@ def test_hierarchical_kmeans_builds_pure_levels_and_a_balanced_sample():
 # ---------------------------------------------------------------------------------------------------------------
 def test_fashion_mnist_copies_found_per_edit_kind_and_only_real_ones(fashion_mnist_dir, tmp_path):
     """2,000 distinct test images + 300 copies per edit kind + 200 evaluation images with a copy each in the pool,
-    through `curate.py dedup --preset tiny` (bench_curate.py --stage copies is the same at 8,000 images).
-    Measured here: precision 0.997, recall 0.97-1.0 photometric, 0.787 shift + photometric, 0.477 crop + rescale
-    (not asserted: no target), 92.5% of the evaluation copies and 0.03% of the rest removed (`python -m pytest -s
-    tests/test_curate.py -k copies`, or `python bench_curate.py --stage copies --copies_n 2000 --copies_per_kind 300
-    --copies_eval 200`)."""
+    through `curate.py dedup --preset tiny` (bench_curate.py --stage copies is the same at 8,000 images). -s prints
+    the measured values; crop + rescale has no target, so it is not asserted. The same measurement:
+    `python bench_curate.py --stage copies --copies_n 2000 --copies_per_kind 300 --copies_eval 200`."""
     planted = plant_copies(tmp_path, 2000, 300, 200, root=str(fashion_mnist_dir))
     curate.main(["dedup", "--preset", "tiny", "--pool", str(tmp_path / "pool"), "--eval_sets",
                  str(tmp_path / "eval"), "--out", str(tmp_path / "out")])
@@ -282,7 +282,8 @@ def test_cli_run_on_image_folders(fashion_mnist_dir, tmp_path):
     write_pngs(tmp_path / "eval", imgs[20:25], labels[20:25])  # the eval set holds 5 pool images
     write_pngs(tmp_path / "curated", imgs[120:160], labels[120:160])
     out = tmp_path / "out"
-    curate.main(["run", "--preset", "tiny", "--pool", str(tmp_path / "pool"), "--curated", str(tmp_path / "curated"),
+    curate.main(["run", "--preset", "tiny", "--pool", str(tmp_path / "pool"), "--curated",
+                 str(tmp_path / "curated"),
                  "--eval_sets", str(tmp_path / "eval"), "--out", str(out), "--retrieval", "sample"])
     ids = embedding_file(out, "pool", "pixels").with_suffix(".ids.txt").read_text().split()
     status = np.load(out / "pool_status.npy")
@@ -347,7 +348,8 @@ def test_dedup_search_sharded_over_two_torchrun_ranks_matches_one_process(tmp_pa
 def test_cli_rejects_unknown_fields():
     with pytest.raises(SystemExit):
         curate.parse_config(["run", "--dedup_treshold", "0.5"])
-    cmd, cfg = curate.parse_config(["dedup", "--preset", "tiny", "--dedup_k", "8", "--gpu", "false"])
+    cmd, cfg = curate.parse_config(["dedup", "--preset", "tiny", "--pool", "p", "--dedup_k", "8",
+                                    "--gpu", "false"])
     assert cmd == "dedup" and cfg.dedup_k == 8 and cfg.gpu is False and cfg.checkpoint == "pixels"
     assert CurateConfig().dedup_k == 64 and CurateConfig().dedup_threshold == 0.6  # paper defaults (App. A.3)
 
@@ -380,7 +382,7 @@ def test_a_crashed_embed_is_never_reused(fashion_mnist_dir, tmp_path, monkeypatc
     data = FashionMNIST(str(fashion_mnist_dir), train=False)
     write_pngs(tmp_path / "imgs", data.images[:30], data.labels[:30])
     cfg = CurateConfig(**{**curate.PRESETS["tiny"], "out": str(tmp_path / "out"), "embed_chunk": 10})
-    real, calls = curate.extract_features, []
+    real, calls = copydetect.extract_features, []
 
     def crash_on_second_chunk(*args, **kwargs):
         calls.append(1)
@@ -388,12 +390,12 @@ def test_a_crashed_embed_is_never_reused(fashion_mnist_dir, tmp_path, monkeypatc
             raise RuntimeError("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(curate, "extract_features", crash_on_second_chunk)
+    monkeypatch.setattr(copydetect, "extract_features", crash_on_second_chunk)
     with pytest.raises(RuntimeError):
         curate.load_source(str(tmp_path / "imgs"), cfg)
     left = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert len(left) == 1 and left[0].endswith(".tmp.npy")  # no file under the final name, no manifest
-    monkeypatch.setattr(curate, "extract_features", real)
+    monkeypatch.setattr(copydetect, "extract_features", real)
     src = curate.load_source(str(tmp_path / "imgs"), cfg)
     assert np.linalg.norm(src.x.astype(np.float32), axis=1).min() > 0.99  # embedded again: no zero rows
 
@@ -401,13 +403,13 @@ def test_a_crashed_embed_is_never_reused(fashion_mnist_dir, tmp_path, monkeypatc
 def test_embedding_files_split_between_ranks_on_page_boundaries(tmp_path):
     for width, n, world in [(784, 301, 2), (400, 1001, 3), (1024, 10 ** 6, 8)]:
         row_bytes = 2 * width  # float16
-        bounds = [curate.row_slice(n, row_bytes, r, world) for r in range(world)]
+        bounds = [copydetect.row_slice(n, row_bytes, r, world) for r in range(world)]
         assert bounds[0][0] == 0 and bounds[-1][1] == n and all(b[1] == c[0] for b, c in zip(bounds, bounds[1:]))
-        assert all((curate.PAGE + lo * row_bytes) % curate.PAGE == 0 for lo, _ in bounds)
-    x = curate.open_aligned_npy(tmp_path / "e.npy", (301, 784), "float16")
+        assert all((copydetect.PAGE + lo * row_bytes) % copydetect.PAGE == 0 for lo, _ in bounds)
+    x = copydetect.open_aligned_npy(tmp_path / "e.npy", (301, 784), "float16")
     x[:] = 1
     x.flush()
-    assert x.offset == curate.PAGE and np.load(tmp_path / "e.npy").astype(np.float32).sum() == 301 * 784
+    assert x.offset == copydetect.PAGE and np.load(tmp_path / "e.npy").astype(np.float32).sum() == 301 * 784
 
 
 def test_ivfpq_on_a_width_that_pq_m_does_not_divide(capsys):
@@ -443,3 +445,59 @@ def test_cli_convention_help_and_one_line_errors():
     assert "--dedup_k" in bad.stderr and "Traceback" not in bad.stderr
     bench = subprocess.run([sys.executable, "bench_curate.py", "--help"], cwd=root, capture_output=True, text=True)
     assert bench.returncode == 0 and "--copies_flags" in bench.stdout  # help, not a 1M-embedding benchmark
+
+
+NO_COPY_DETECTOR = ("curate.py: error: --copy_checkpoint: deduplication needs a copy detector (App. A.3): "
+                    "pass --copy_checkpoint <file> or copy (copydetect.py's descriptor), or same with "
+                    "--dedup_threshold and --relative_threshold chosen for the --checkpoint embedding")
+SAME_NEEDS_THRESHOLDS = ("curate.py: error: --copy_checkpoint same: give --dedup_threshold and "
+                         "--relative_threshold chosen for the --checkpoint embedding (the defaults 0.6 / 0.45 "
+                         "are SSCD's)")
+
+
+def test_dedup_of_images_without_a_copy_detector_is_refused_in_one_line():
+    """SSCD's thresholds on the retrieval embedding would chain look-alike images of one class into one group:
+    `curate.py dedup` on images without --copy_checkpoint stops before any work, one line, exit status 2."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    refused = subprocess.run([sys.executable, "curate.py", "dedup", "--pool", "fashion-mnist", "--checkpoint",
+                              "pixels"], cwd=root, capture_output=True, text=True)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [NO_COPY_DETECTOR]
+    assert refused.stdout == ""  # nothing embedded, not even the config printed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--pool", "imgs", "--checkpoint", "pixels"], NO_COPY_DETECTOR),
+    (["dedup", "--preset", "tiny", "--pool", "p.npy", "--eval_sets", "imgs", "--copy_checkpoint", ""],
+     NO_COPY_DETECTOR),  # an evaluation set of images would be embedded for deduplication too
+    (["run", "--preset", "tiny", "--pool", "imgs", "--copy_checkpoint", "same"], SAME_NEEDS_THRESHOLDS),
+    (["dedup", "--pool", "imgs", "--checkpoint", "x.pth", "--copy_checkpoint", "same", "--dedup_threshold", "0.9"],
+     SAME_NEEDS_THRESHOLDS),  # both thresholds, chosen for that embedding (the preset's are the descriptor's)
+    (["retrieve"], "curate.py: error: --pool is required"),
+])
+def test_refusals_through_main(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        curate.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and err[0].startswith(message)
+
+
+def test_what_needs_no_copy_detector():
+    """Retrieval alone, a precomputed .npy pool (an embedding the user chose), and embedding."""
+    for argv in (["retrieve", "--pool", "imgs", "--checkpoint", "pixels"], ["dedup", "--pool", "p.npy"],
+                 ["embed", "--pool", "imgs", "--checkpoint", "pixels"],
+                 ["dedup", "--pool", "imgs", "--copy_checkpoint", "same", "--dedup_threshold", "0.9",
+                  "--relative_threshold", "0.8"]):
+        assert curate.parse_config(argv)[0] == argv[0]
+
+
+def test_dedup_with_the_retrieval_embedding_at_thresholds_given(fashion_mnist_dir, tmp_path):
+    """--copy_checkpoint same: one embedding (the retrieval backbone's) serves deduplication and retrieval."""
+    from data import FashionMNIST
+    data = FashionMNIST(str(fashion_mnist_dir), train=False)
+    write_pngs(tmp_path / "pool", data.images[:40], data.labels[:40])
+    write_pngs(tmp_path / "pool", data.images[:5], data.labels[:5], start=100)  # exact copies
+    out = tmp_path / "out"
+    curate.main(["dedup", "--preset", "tiny", "--pool", str(tmp_path / "pool"), "--out", str(out),
+                 "--copy_checkpoint", "same", "--dedup_threshold", "0.99", "--relative_threshold", "0.95"])
+    assert [json.loads(p.read_text())["checkpoint"] for p in out.glob("emb_*.json")] == ["pixels"]
+    assert (np.load(out / "pool_status.npy") == 1).sum() == 5
