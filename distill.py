@@ -317,8 +317,8 @@ def main():
     cfg, args = cli.parse_config(DistillConfig, presets=DISTILL_PRESETS, default_preset="tiny", prog="distill.py",
                                  description="Distil a frozen DINOv2 teacher into smaller students (Sec. 5). "
                                              "With no --preset the tiny CPU demo preset applies.")
-    print(cli.describe_overrides(cfg, args.preset, DISTILL_PRESETS, DistillConfig), flush=True)
     _, _, device = setup_distributed()
+    print0(cli.describe_overrides(cfg, args.preset, DISTILL_PRESETS, DistillConfig))
     t0 = time.perf_counter()
     try:
         teacher, students = distill(cfg)

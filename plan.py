@@ -5,7 +5,7 @@ product's own step (train.train_step: teacher targets, student forward/backward,
 for `distill`) on fake tensors (torch FakeTensorMode: shapes and dtypes, no data) and reports, per GPU, the peak
 memory of parameters, gradients, AdamW state, activations and temporaries (MemTracker) and the FLOPs per image
 (FlopCounterMode); given a GPU size, the largest micro-batch that fits. Blocks of one model are identical, so the
-plan traces copies with 1 and 2 blocks and extrapolates linearly to the full depth (exact for one model's blocks;
+plan traces copies with 2 and 4 blocks and extrapolates linearly to the full depth (exact for one model's blocks;
 for the several models of a distillation the blocks of each are extrapolated separately and added). Then the run
 at a glance: each phase of the schedule with its steps, crops, lr and momentum, images seen and GPU-hours.
 
@@ -136,19 +136,25 @@ def trace_step(cfg, micro_batch, kind=pretraining, depths=None, memory=True, glo
     return out
 
 
+SHALLOW = (2, 4)  # blocks of the two traced copies (the peak moves by a block pair, so both are even)
+
+
 def extrapolated(cfg, micro_batch, kind=pretraining, memory=True, global_crop_size=None):
-    """trace_step at the full depth of every model, from traces with 1 and 2 blocks: X(D) = X(1) + (D-1) dX
-    for each model (blocks are identical); the several models of a distillation add their dX."""
+    """trace_step at the full depth of every model, from shallow copies: X(D) = X(2) + (D - 2) (X(4) - X(2)) / 2
+    for each model deeper than 4 blocks (its blocks are identical); the models of a distillation add theirs."""
     full = full_depths(cfg, kind)
-    ones = [1] * len(full)
-    base = trace_step(cfg, micro_batch, kind, ones, memory, global_crop_size)
+    base_depths = [min(d, SHALLOW[0]) for d in full]
+    base = trace_step(cfg, micro_batch, kind, base_depths, memory, global_crop_size)
     out = dict(base)
     for i, depth in enumerate(full):
-        deeper = trace_step(cfg, micro_batch, kind, [2 if j == i else 1 for j in range(len(full))], memory,
-                            global_crop_size)
+        if depth <= SHALLOW[0]:
+            continue
+        deeper = min(depth, SHALLOW[1])
+        trace = trace_step(cfg, micro_batch, kind, base_depths[:i] + [deeper] + base_depths[i + 1:], memory,
+                           global_crop_size)
         for k in base:
             if k not in ("gathered", "block"):
-                out[k] += (depth - 1) * (deeper[k] - base[k])
+                out[k] += (trace[k] - base[k]) * (depth - SHALLOW[0]) / (deeper - SHALLOW[0])
     return out
 
 

@@ -738,8 +738,8 @@ def train(cfg, dataset=None):
 
 def main():
     cfg, args = parse_config()
-    print(cli.describe_overrides(cfg, args.preset, PRESETS, Config), flush=True)
     _, _, device = setup_distributed()
+    print0(cli.describe_overrides(cfg, args.preset, PRESETS, Config))
     t0 = time.perf_counter()
     try:
         _, teacher = train(cfg)

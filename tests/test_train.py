@@ -5,13 +5,10 @@ Run: python -m pytest -q tests/test_train.py  (a few minutes on 2 cores; RUN_SLO
 """
 import colorsys
 import dataclasses
-import gzip
 import json
 import os
 import signal
 import socket
-import struct
-import subprocess
 import sys
 
 import numpy as np
@@ -21,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import data as D
+from conftest import free_port, run_cli
 import distill
 import model as M
 import plan
@@ -423,12 +421,6 @@ def dist_worker(rank, world_size, port, out_dir):
     dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def assert_same_weights(got, expected, what):
     for name, p in expected.items():
         torch.testing.assert_close(got[name], p, rtol=0, atol=1e-5, msg=f"{what}: {name}")
@@ -465,32 +457,6 @@ def test_two_ranks_match_one_process_ddp_fsdp2_accumulation_resume(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------------
-def write_idx(path, arr):
-    arr = np.asarray(arr, dtype=np.uint8)
-    with gzip.open(path, "wb") as f:
-        f.write(struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(">" + "I" * arr.ndim, *arr.shape) + arr.tobytes())
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture
-def idx_data(tmp_path):
-    """A 64-image train / 32-image test set in Fashion-MNIST's IDX format, with a learnable class signal."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 64), ("t10k", 32)):
-        labels = np.arange(n) % 4
-        images = rng.integers(0, 60, (n, 28, 28)) + (labels[:, None, None] * 50)
-        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", images)
-        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", labels)
-    return tmp_path
-
-
-def run_cli(*args, launcher=(sys.executable,)):
-    return subprocess.run([*launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
 def test_command_line_trains_refuses_to_lose_work_and_resumes(idx_data):
     """`python train.py` end to end on the IDX set (the demo's code path), then the run directory's rules."""
     run = str(idx_data / "run")
@@ -516,26 +482,6 @@ def test_command_line_trains_refuses_to_lose_work_and_resumes(idx_data):
     assert steps == sorted(set(steps))  # one row per step, none repeated
     empty = run_cli("train.py", "--output_dir", str(idx_data / "empty"), "--resume")
     assert empty.returncode == 2 and "no checkpoint" in empty.stderr.splitlines()[-1]
-
-
-def test_torchrun_two_processes_fsdp2_trains_saves_and_resumes(idx_data):
-    """The README's launch line, `torchrun --nproc_per_node=2 train.py ...`, on CPU (gloo), with FSDP2."""
-    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                str(free_port()))
-    common = ["train.py", "--data", str(idx_data), "--output_dir", str(idx_data / "run"), "--batch_size", "16",
-              "--num_workers", "0", "--fsdp", "true", "--total_iters", "3"]
-    first = run_cli(*common, "--stop_after", "2", launcher=torchrun)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert torch.load(idx_data / "run" / "checkpoint.pth", weights_only=True)["step"] == 2
-    assert not (idx_data / "run" / "teacher_backbone.pth").exists() and "teacher k-NN" not in first.stdout
-    second = run_cli(*common, "--resume", launcher=torchrun)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from" in second.stdout and "teacher k-NN (k=20, T=0.07) top-1" in second.stdout
-    backbone = M.load_model(idx_data / "run" / "teacher_backbone.pth")
-    ckpt = torch.load(idx_data / "run" / "checkpoint.pth", weights_only=True)
-    initial = torch.load(idx_data / "run" / "teacher_backbone.pth", weights_only=True)
-    assert ckpt["step"] == 3 and set(backbone.state_dict()) == set(initial)
-    assert not torch.equal(ckpt["student"]["backbone.cls_token"], ckpt["teacher"]["backbone.cls_token"])
 
 
 @pytest.mark.parametrize("flags, flag", [
