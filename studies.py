@@ -7,13 +7,13 @@ with eval.py's functions, prints one table (mean +- standard deviation over the 
 per-seed value to <out>/<study>.json. A run is kept in <out>/runs/<hash of its config>/: an arm shared by two
 studies (the baseline) trains once, an interrupted run resumes from its checkpoint, and a finished one is reused.
 
-Run (the README's "What each part does, measured" quotes these tables with their times):
+Run (docs/studies.md has these tables with their times and what they do and do not show):
     python studies.py koleo        # KoLeo on / off -> k-NN, copy-retrieval mAP (Tab. 3: KoLeo helps retrieval)
-    python studies.py ibot         # masked-image-modelling loss on / off -> k-NN, linear, patch probe (Tab. 3)
+    python studies.py ibot         # iBOT loss and masking both on / both off -> k-NN, linear, patch probe
     python studies.py centering    # Sinkhorn-Knopp vs EMA centering of the teacher (Sec. 4)
     python studies.py heads        # untied vs tied DINO / iBOT heads (Sec. 4)
     python studies.py multicrop    # 2 global crops only vs 2 global + 4 local, at equal FLOPs (App. B)
-    python studies.py distill      # Sec. 5 distillation vs + masking and drop path vs from scratch (Fig. 5)
+    python studies.py distill      # Sec. 5 distillation vs + masks and drop path (3 changes) vs from scratch
     python studies.py retrieval    # curate.py: cluster- vs sample-based retrieval for a small curated set
     python studies.py all          # every study in turn
     python studies.py koleo --seeds 0,1,2 --steps 600     # more seeds, longer runs
@@ -23,7 +23,7 @@ Paper -> code
   Tab. 3, one component removed at a time ........... STUDIES, run_study, trained (train.train)
   Tab. 3 k-NN / linear probe ....................... measure: eval.run_knn, eval.run_linear
   Tab. 3 / Tab. 9 instance (copy) retrieval ......... measure: eval.run_retrieval (mAP over edit strengths)
-  Tab. 3 / Tab. 10 dense tasks (linear segmentation)  patch_probe (a linear classifier on single patch tokens)
+  Tab. 10's linear layer on patch tokens ............ patch_probe (image labels: not Tab. 3's segmentation)
   App. B multi-crop, at equal compute ............... Arm.equal_flops, step_flops (plan.trace_step)
   Sec. 5 / Fig. 5 distillation vs from scratch ...... Arm(kind="distill"): distill.distill; teacher_row
   App. A.4 sample- vs cluster-based retrieval ........ retrieval_study (curate.retrieve)
@@ -55,7 +55,7 @@ from train import PRESETS as TRAIN_PRESETS, Config, build_student_teacher, train
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Configuration: the size of every study (defaults: ~20 min per study on 2 CPU cores); "toy" for the tests
+# Configuration: the size of every study (defaults: the runs in docs/studies.md); "toy" for the tests
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class StudyConfig:
@@ -67,7 +67,7 @@ class StudyConfig:
     knn_train: int = 10000  # k-NN (k=20, T=0.07): a fixed subset of the 60k training images; 0 = all
     knn_test: int = 0  # k-NN and linear probe: test images; 0 = all 10k
     linear_train: int = 10000  # linear probe: training images (eval.py's grid, 10 epochs over them)
-    patch_train: int = 2000  # patch probe: training images (every foreground patch of each)
+    patch_train: int = 2000  # patch probe: training images (each foreground patch labelled with its image's class)
     patch_test: int = 1000  # patch probe: test images
     copies: int = 200  # copy retrieval: originals searched for (2 edited copies each per strength, 9x distractors)
     curated_size: int = 50  # retrieval study: images in the small curated set
@@ -97,7 +97,9 @@ STUDIES = {
     "koleo": Study("Sec. 4 / Tab. 3: what does the KoLeo regulariser (weight 0.1) add?",
                    [Arm("with KoLeo (paper)"), Arm("without KoLeo", dict(koleo_loss_weight=0.0))],
                    ("knn", "copy_map")),
-    "ibot": Study("Sec. 4 / Tab. 3: what does the masked-patch (iBOT) loss add?",
+    # "without iBOT" changes two things: no iBOT loss, and no masks, so the DINO loss also sees unmasked student
+    # crops; the study cannot say which of the two causes a difference
+    "ibot": Study("Sec. 4 / Tab. 3: what do the masked-patch (iBOT) loss and its masking add, together?",
                   [Arm("with iBOT (paper)"),
                    Arm("without iBOT (no masks)", dict(ibot_loss_weight=0.0, mask_probability=0.0))],
                   ("knn", "linear", "patch")),
@@ -113,6 +115,8 @@ STUDIES = {
                        ("knn",)),
     "distill": Study("Sec. 5 / Fig. 5: distilling the tiny teacher into a half-depth student vs training it",
                      [Arm("distilled (Sec. 5: no masks, no drop path)", kind="distill"),
+                      # three changes: masked student crops, the iBOT loss on the masked patches only (not on
+                      # every patch), stochastic depth; the study cannot say which one matters
                       Arm("distilled + masks + drop path 0.1", dict(mask_probability=0.5, drop_path_rate=0.1),
                           kind="distill"),
                       Arm("same student from scratch", dict(arch="vit_tiny_d2"))],
@@ -210,7 +214,7 @@ def trained(scfg, cfg):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Measures: eval.py's k-NN, linear probe and copy retrieval, and a patch-level probe (dense tasks)
+# Measures: eval.py's k-NN, linear probe and copy retrieval, and a probe of single patch tokens
 # ---------------------------------------------------------------------------------------------------------------
 def eval_config(backbone, **fields):
     """eval.py's tiny preset at the backbone's training size, with the study's sizes."""
@@ -268,9 +272,10 @@ def patch_tokens(backbone, dataset, n, device, seed, batch=256):
 
 
 def patch_probe(backbone, n_train, n_test, device, steps=300, lr=0.01):
-    """Dense proxy for Tab. 3's segmentation column (Tab. 10 trains a linear layer on patch tokens): a linear
-    classifier on ONE patch token predicts the class of the garment it lies on. A patch token that carries the
-    image's semantics scores high; one that only describes its own 7x7 pixels cannot. Full-batch Adam on
+    """How much of its image's class one patch token holds: a linear classifier on ONE patch token predicts the
+    class of the image it comes from (every foreground patch carries its image's label). Not Tab. 3's dense
+    column: segmentation labels each pixel with what lies under it, and Fashion-MNIST has no such labels. The
+    probe's form follows Tab. 10 (a linear layer on patch tokens); its labels do not. Full-batch Adam on
     standardised tokens -> top-1 % over the foreground patches of n_test held-out images."""
     backbone.eval()
     x, y = patch_tokens(backbone, build_dataset("fashion-mnist", train=True), n_train, device, seed=0)
@@ -331,7 +336,7 @@ def teacher_row(scfg, metrics, device):
 
 
 def print_table(record, metrics):
-    """The study's table in Markdown (the README pastes it as printed): mean +- sample std over the seeds."""
+    """The study's table in Markdown (docs/studies.md pastes it as printed): mean +- sample std over the seeds."""
     n = len(record["config"]["seeds"])
     print(f"\n{record['study']}: {record['question']} (mean ± std over {n} seeds)\n")
     print("| arm | steps | train min | " + " | ".join(METRIC_NAMES[m] for m in metrics) + " |")

@@ -28,17 +28,34 @@ def toy(tmp_path_factory):
 
 
 def check_record(record, scfg, metrics):
-    """Every row: each metric's mean and sample std are those of its per-seed values, one value per seed,
-    percentages in [0, 100]; the JSON on disk is the record."""
+    """Every row: one value per seed for each metric, percentages in [0, 100], and the row's mean and std are
+    summary() of those values (summary itself is checked on known values below); the JSON on disk is the record."""
     for row in record["rows"]:
         for m in metrics:
             values = row[m]["values"]
             assert len(values) == (len(scfg.seeds) if row["runs"] != [scfg.teacher] else 1)
-            assert row[m]["mean"] == pytest.approx(np.mean(values))
-            assert row[m]["std"] == pytest.approx(np.std(values, ddof=1) if len(values) > 1 else 0.0)
+            assert row[m] == studies.summary(values)
             assert all(0.0 <= v <= 100.0 for v in values), (m, values)
     with open(os.path.join(scfg.out, f"{record['study']}.json")) as f:
         assert json.load(f) == json.loads(json.dumps(record))
+
+
+def test_summary_on_known_values():
+    assert studies.summary([1.0, 2.0, 3.0]) == dict(mean=2.0, std=1.0, values=[1.0, 2.0, 3.0])
+    two = studies.summary([2.0, 4.0])  # the sample std (ddof=1): sqrt(2); the population std would be 1
+    assert two["mean"] == 3.0 and two["std"] == pytest.approx(2 ** 0.5)
+    assert studies.summary([5.0]) == dict(mean=5.0, std=0.0, values=[5.0])  # one seed (the teacher row)
+
+
+@pytest.mark.parametrize("values, cell", [([2.99, 2.69], "2.84 ± 0.21"), ([1.75, 2.01], "1.88 ± 0.18"),
+                                          ([55.95, 55.97], "55.96 ± 0.01"), ([56.85, 56.95], "56.90 ± 0.07"),
+                                          ([72.31, 72.39], "72.35 ± 0.06")])
+def test_table_cells_from_the_per_seed_values_in_docs(values, cell, capsys):
+    """docs/studies.md quotes these per-seed values beside the table cells print_table made of them."""
+    record = dict(study="s", question="q", config=dict(seeds=[0, 1]),
+                  rows=[dict(arm="a", steps=300, train_min=None, knn=studies.summary(values))])
+    studies.print_table(record, ("knn",))
+    assert capsys.readouterr().out.splitlines()[-1] == f"| a | 300 | - | {cell} |"
 
 
 def run_config_of(folder):
@@ -49,7 +66,10 @@ def test_koleo_study_trains_each_arm_and_reuses_finished_runs(toy, monkeypatch):
     record = studies.run_study("koleo", toy, torch.device("cpu"))
     check_record(record, toy, ("knn", "copy_map"))
     init, with_koleo, without = record["rows"]
-    assert init["steps"] == 0 and init["knn"]["values"] != with_koleo["knn"]["values"]
+    assert init["steps"] == 0 and init["runs"] == [f + "_init" for f in with_koleo["runs"]]  # its config, untrained
+    before, after = (studies.load_model(os.path.join(f, "teacher_backbone.pth")).state_dict()
+                     for f in (init["runs"][0], with_koleo["runs"][0]))
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
     assert [run_config_of(f)["koleo_loss_weight"] for f in with_koleo["runs"]] == [0.1, 0.1]
     assert [run_config_of(f)["koleo_loss_weight"] for f in without["runs"]] == [0.0, 0.0]
     assert [run_config_of(f)["seed"] for f in without["runs"]] == [0, 1]
@@ -78,8 +98,8 @@ def test_other_studies_train_their_arms_at_toy_size(toy, name):
     for folder in record["rows"][2]["runs"]:
         cfg = run_config_of(folder)
         assert {k: cfg[k] for k in changed.changes} == changed.changes
-        assert cfg["total_iters"] == record["rows"][2]["steps"] == studies.arm_steps(toy, changed,
-                                                                                    studies.STUDIES[name].arms[0])
+        # 3 toy steps; multicrop: round(3 x 1.44) = 4, the FLOPs of 3 steps with local crops
+        assert cfg["total_iters"] == record["rows"][2]["steps"] == dict(centering=3, heads=3, multicrop=4)[name]
 
 
 def test_tied_heads_share_one_module():
@@ -93,13 +113,20 @@ def test_tied_heads_share_one_module():
     assert any(k.startswith("ibot_head.") for k in student.state_dict())  # the official checkpoint layout
 
 
-def test_multicrop_arm_gets_the_steps_of_equal_flops(toy):
+def test_arm_steps_for_known_flop_ratios(monkeypatch):
     base, global_only = studies.STUDIES["multicrop"].arms
-    steps = studies.arm_steps(toy, global_only, base)
-    flops = [studies.step_flops(studies.run_config(toy, a, 0)) for a in (base, global_only)]
-    assert flops[0] > 1.2 * flops[1]  # 4 local crops cost something
-    assert steps == round(toy.steps * flops[0] / flops[1]) and steps > toy.steps
-    assert studies.arm_steps(toy, base, base) == toy.steps
+    monkeypatch.setattr(studies, "step_flops", lambda cfg: 144.0 if cfg.n_local_crops else 100.0)  # ratio 1.44
+    assert studies.arm_steps(studies.StudyConfig(), global_only, base) == 432  # 300 x 1.44
+    assert studies.arm_steps(studies.StudyConfig(steps=3), global_only, base) == 4  # round(4.32)
+    monkeypatch.setattr(studies, "step_flops", lambda cfg: pytest.fail("traced an arm without equal_flops"))
+    assert studies.arm_steps(studies.StudyConfig(), base, base) == 300
+    assert studies.arm_steps(studies.StudyConfig(), studies.Arm("x", dict(n_local_crops=0)), base) == 300
+
+
+def test_multicrop_arm_gets_the_steps_of_equal_flops():
+    """Traced FLOPs at the studies' default size: a step with local crops costs 1.44x -> docs/studies.md's 433."""
+    base, global_only = studies.STUDIES["multicrop"].arms
+    assert studies.arm_steps(studies.StudyConfig(), global_only, base) == 433
 
 
 def test_distill_study_against_the_student_from_scratch(toy, tmp_path):
@@ -134,7 +161,8 @@ def test_retrieval_study_compares_both_modes_at_about_equal_size(toy):
         assert "cluster" in cluster["arm"] and "sample" in sample["arm"]
         for c, s in zip(cluster["retrieved"]["values"], sample["retrieved"]["values"]):
             k = max(1, -(-c // toy.curated_size))  # the sample mode's k
-            assert s <= k * toy.curated_size  # k per curated image, duplicates across images merged
+            assert s <= k * toy.curated_size  # k per curated image, duplicates across images merged: < c + size
+            assert s >= max(k, c / 2)  # and not far fewer than the cluster mode took
 
 
 @pytest.mark.parametrize("argv, message", [(["nope"], "invalid choice"),
