@@ -31,6 +31,7 @@ Paper -> code
 Shape legend: B batch (images per micro-batch), N patch tokens per global crop, D width, K prototypes.
 """
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -331,6 +332,8 @@ def main():
         print_report(cfg, report(cfg, teacher, students, device, dtype))
     print0(f"distill.py: {(time.perf_counter() - t0) / 60:.1f} min in total")
     if is_dist():
+        del teacher, students  # DDP / FSDP2 modules hold the process group: free them before it is destroyed
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -181,10 +181,12 @@ def full_state_dicts(model, ema, optimizer, cfg):
 
 def load_state_dicts(model, ema, optimizer, model_sd, ema_sd, optim_sd, cfg):
     """Inverse of full_state_dicts: every rank keeps what it holds of the full state dicts (FSDP2: its shards).
+    Under torchrun rank 0 reads the (memory-mapped) file and sends each tensor to the others, which keep their
+    part: no rank holds a whole copy in private memory (`torchrun ... bench.py resume` measures it).
     An optimizer state keyed by position (written before it was keyed by name) is renamed first."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
-    opts = StateDictOptions(full_state_dict=True)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=is_dist())
     set_model_state_dict(model, model_sd, options=opts)
     set_model_state_dict(ema, ema_sd, options=opts)
     if optim_sd["state"] and isinstance(next(iter(optim_sd["state"])), int):

@@ -152,7 +152,7 @@ def run_config(scfg, arm, seed, steps=None):
 
 def step_flops(cfg):
     """FLOPs of one training step of this config, counted on fake tensors (plan.trace_step: nothing runs)."""
-    return plan.trace_step(cfg, cfg.batch_size, memory=False)["flops_per_micro_batch"]
+    return plan.trace_step(cfg, cfg.batch_size, memory=False)["flops"]
 
 
 def arm_steps(scfg, arm, base):

@@ -44,6 +44,7 @@ teacher_backbone.json ({"model_args": ...}).
 Shape legend: B batch, N tokens, D width, H heads, K prototypes, M masked patches, b head bottleneck width.
 """
 import contextlib
+import gc
 import json
 import math
 import os
@@ -755,6 +756,8 @@ def main():
         print0(f"teacher k-NN (k=20, T=0.07) top-1 on the held-out split: {acc:.2f}% "
                f"({(time.perf_counter() - t0) / 60:.1f} min in total)")
     if is_dist():
+        del teacher  # FSDP2 / DDP modules hold the process group: free them before it is destroyed
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -124,9 +124,10 @@ def test_arm_steps_for_known_flop_ratios(monkeypatch):
 
 
 def test_multicrop_arm_gets_the_steps_of_equal_flops():
-    """Traced FLOPs at the studies' default size: a step with local crops costs 1.44x -> docs/studies.md's 433."""
+    """Traced FLOPs at the studies' default size: a step with local crops costs 1.43x -> 431 steps (the runs in
+    docs/studies.md had 433, before the iBOT scores were recomputed in chunks)."""
     base, global_only = studies.STUDIES["multicrop"].arms
-    assert studies.arm_steps(studies.StudyConfig(), global_only, base) == 433
+    assert studies.arm_steps(studies.StudyConfig(), global_only, base) == 431
 
 
 def test_distill_study_against_the_student_from_scratch(toy, tmp_path):
