@@ -41,9 +41,10 @@ from PIL import Image
 
 import cli
 import curate
-from copydetect import crop_resize, fill_index, jpeg, kmeans, knn_edges, shift, train_index
+from copydetect import crop_resize, jpeg, shift
 from curate import CurateConfig, self_dedup
 from data import FashionMNIST, build_dataset
+from embeddings import fill_index, kmeans, knn_edges, train_index
 
 
 @dataclass

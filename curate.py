@@ -7,7 +7,7 @@ As in the paper, two embeddings: a copy detector's for deduplication (--copy_che
 for copydetect.py's SSCD stand-in) and the retrieval backbone's (--checkpoint). Deduplicating images without a
 copy detector is refused: at SSCD's thresholds (0.6 / 0.45) a retrieval embedding chains look-alike images of
 one class into one group; "--copy_checkpoint same" uses the retrieval embedding at thresholds given as flags.
-A precomputed .npy source is used as it is, for deduplication and retrieval alike. copydetect.py embeds image
+A precomputed .npy source is used as it is, for deduplication and retrieval alike. embeddings.py embeds image
 sources once, caches them in --out (under torchrun one folder every node sees; each rank embeds a slice) and
 holds the faiss search; this file holds the method: deduplication, retrieval and the outputs.
 
@@ -22,14 +22,14 @@ with an optional <name>.ids.txt; every sub-command takes the CurateConfig fields
     python bench_curate.py                           # the 1M-embedding CPU benchmark
 
 Paper -> code
-  Sec. 3, an embedding of every image ........................ copydetect.load_source, copydetect.embed
+  Sec. 3, an embedding of every image ........................ embeddings.load_source, embeddings.embed
   App. A.3, a copy-detection embedding (SSCD) ................ copydetect.CopyDescriptor (tiny preset), refusal
-  App. A.2, cosine similarity ................................ copydetect.rows_f32, faiss inner product
-  Sec. 3 "Implementation details", faiss IVF-PQ on GPUs ...... copydetect.train_index, fill_index, knn, rescore
+  App. A.2, cosine similarity ................................ embeddings.rows_f32, faiss inner product
+  Sec. 3 "Implementation details", faiss IVF-PQ on GPUs ...... embeddings.train_index, fill_index, knn, rescore
   App. A.3, self-deduplication (k = 64, > 0.6, components) ... pool_edges, connected_components, self_dedup
   App. A.3, relative deduplication (> 0.45, whole component) . relative_dedup
   App. A.4, sample-based retrieval (k nearest per image) ..... sample_retrieval, sample_k_of (32 for IN-1k)
-  App. A.4, cluster-based retrieval (> 3 images, 10k, 1M) .... copydetect.kmeans, assign; cluster_retrieval
+  App. A.4, cluster-based retrieval (> 3 images, 10k, 1M) .... embeddings.kmeans, assign; cluster_retrieval
   Vo et al. 2024, hierarchical k-means, balanced sampling .... hierarchical_kmeans, balanced_split,
                                                                hierarchical_sampling
 
@@ -49,8 +49,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 import cli
 from cli import at_least, in_range, one_of
-from copydetect import (Source, assign, fill_index, images_of, kmeans, knn, knn_edges,  # noqa: F401 (Source,
-                        load_source, read_ids, rows_f32, train_index)  # built by callers: tests, studies.py)
+from embeddings import (assign, fill_index, images_of, kmeans, knn, knn_edges, load_source, read_ids, rows_f32,
+                        train_index)
 from losses import is_dist
 from runtime import get_rank, print0, setup_distributed
 

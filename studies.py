@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 import cli
 import curate
+import embeddings
 import eval as ev
 import plan
 from cli import at_least
@@ -370,20 +371,21 @@ def retrieval_study(scfg):
     as the classes)."""
     ccfg = curate.CurateConfig(**{**curate.PRESETS["tiny"], "out": os.path.join(scfg.out, "curate"),
                                   "checkpoint": scfg.embedding})
-    pool, test = curate.load_source("fashion-mnist", ccfg), curate.load_source("fashion-mnist:test", ccfg)
+    pool = embeddings.load_source("fashion-mnist", ccfg)
+    test = embeddings.load_source("fashion-mnist:test", ccfg)
     pool_y = build_dataset("fashion-mnist", train=True).labels
     test_y = build_dataset("fashion-mnist", train=False).labels
-    x = curate.rows_f32(pool.x, np.arange(len(pool.x)))  # [N,D] L2-normalised
+    x = embeddings.rows_f32(pool.x, np.arange(len(pool.x)))  # [N,D] L2-normalised
     status, rows = np.zeros(len(x), np.int8), []
     for setting, classes in CURATED_CLASSES.items():
         in_class = np.isin(pool_y, classes)
-        modes = curate.assign(pool.x, np.nonzero(in_class)[0],
-                              curate.kmeans(x[in_class], 20, ccfg), ccfg)[0]  # [n_class] sub-cluster of each
+        modes = embeddings.assign(pool.x, np.nonzero(in_class)[0],
+                                  embeddings.kmeans(x[in_class], 20, ccfg), ccfg)[0]  # [n_class] sub-cluster of each
         results = {"cluster": [], "sample": []}
         for seed in scfg.seeds:
             pick = np.random.default_rng(seed).choice(np.nonzero(np.isin(test_y, classes))[0], scfg.curated_size,
                                                       replace=False)
-            curated = curate.Source("curated", curate.rows_f32(test.x, np.sort(pick)), None, None)
+            curated = embeddings.Source("curated", embeddings.rows_f32(test.x, np.sort(pick)), None, None)
             got = curate.retrieve(pool, status, [curated], None, replace(ccfg, retrieval="cluster", seed=seed),
                                   {})[0][0]
             k = max(1, math.ceil(len(got) / scfg.curated_size))

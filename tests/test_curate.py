@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import copydetect
 import curate
+import embeddings
 from bench_curate import copy_metrics, plant_copies
-from copydetect import Source, fill_index, train_index
 from curate import (CurateConfig, balanced_split, cluster_retrieval, connected_components, dedup,
                     hierarchical_kmeans, hierarchical_sampling, sample_retrieval)
+from embeddings import Source, fill_index, train_index
 
 
 def unit(v):
@@ -363,16 +363,16 @@ def test_embedding_cache_is_keyed_by_source_backbone_size_and_count(fashion_mnis
     write_pngs(tmp_path / "a" / "imgs", data.images[:40], data.labels[:40])
     write_pngs(tmp_path / "b" / "imgs", data.images[40:70], data.labels[40:70])  # the same folder name
     cfg = CurateConfig(**{**curate.PRESETS["tiny"], "out": str(tmp_path / "out")})
-    a, b = (curate.load_source(str(tmp_path / d / "imgs"), cfg) for d in "ab")
+    a, b = (embeddings.load_source(str(tmp_path / d / "imgs"), cfg) for d in "ab")
     assert a.x.filename != b.x.filename and len(a.x) == 40 and len(b.x) == 30
     stamp = os.stat(a.x.filename).st_mtime_ns
-    assert curate.load_source(str(tmp_path / "a" / "imgs"), cfg).x.filename == a.x.filename  # reused as it is
+    assert embeddings.load_source(str(tmp_path / "a" / "imgs"), cfg).x.filename == a.x.filename  # reused as it is
     assert os.stat(a.x.filename).st_mtime_ns == stamp
-    small = curate.load_source(str(tmp_path / "a" / "imgs"), dataclasses.replace(cfg, image_size=14))
-    copy = curate.load_source(str(tmp_path / "a" / "imgs"), cfg, "copy")
+    small = embeddings.load_source(str(tmp_path / "a" / "imgs"), dataclasses.replace(cfg, image_size=14))
+    copy = embeddings.load_source(str(tmp_path / "a" / "imgs"), cfg, "copy")
     assert small.x.shape == (40, 196) and copy.x.shape == (40, 400)  # another size, another backbone: new files
     write_pngs(tmp_path / "a" / "imgs", data.images[70:75], data.labels[70:75], start=100)
-    assert len(curate.load_source(str(tmp_path / "a" / "imgs"), cfg).x) == 45  # more images: embedded again
+    assert len(embeddings.load_source(str(tmp_path / "a" / "imgs"), cfg).x) == 45  # more images: embedded again
     manifest = json.loads(Path(a.x.filename).with_suffix(".json").read_text())
     assert manifest == dict(source=str(tmp_path / "a" / "imgs"), checkpoint="pixels", image_size=28, count=40)
 
@@ -382,7 +382,7 @@ def test_a_crashed_embed_is_never_reused(fashion_mnist_dir, tmp_path, monkeypatc
     data = FashionMNIST(str(fashion_mnist_dir), train=False)
     write_pngs(tmp_path / "imgs", data.images[:30], data.labels[:30])
     cfg = CurateConfig(**{**curate.PRESETS["tiny"], "out": str(tmp_path / "out"), "embed_chunk": 10})
-    real, calls = copydetect.extract_features, []
+    real, calls = embeddings.extract_features, []
 
     def crash_on_second_chunk(*args, **kwargs):
         calls.append(1)
@@ -390,26 +390,26 @@ def test_a_crashed_embed_is_never_reused(fashion_mnist_dir, tmp_path, monkeypatc
             raise RuntimeError("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(copydetect, "extract_features", crash_on_second_chunk)
+    monkeypatch.setattr(embeddings, "extract_features", crash_on_second_chunk)
     with pytest.raises(RuntimeError):
-        curate.load_source(str(tmp_path / "imgs"), cfg)
+        embeddings.load_source(str(tmp_path / "imgs"), cfg)
     left = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert len(left) == 1 and left[0].endswith(".tmp.npy")  # no file under the final name, no manifest
-    monkeypatch.setattr(copydetect, "extract_features", real)
-    src = curate.load_source(str(tmp_path / "imgs"), cfg)
+    monkeypatch.setattr(embeddings, "extract_features", real)
+    src = embeddings.load_source(str(tmp_path / "imgs"), cfg)
     assert np.linalg.norm(src.x.astype(np.float32), axis=1).min() > 0.99  # embedded again: no zero rows
 
 
 def test_embedding_files_split_between_ranks_on_page_boundaries(tmp_path):
     for width, n, world in [(784, 301, 2), (400, 1001, 3), (1024, 10 ** 6, 8)]:
         row_bytes = 2 * width  # float16
-        bounds = [copydetect.row_slice(n, row_bytes, r, world) for r in range(world)]
+        bounds = [embeddings.row_slice(n, row_bytes, r, world) for r in range(world)]
         assert bounds[0][0] == 0 and bounds[-1][1] == n and all(b[1] == c[0] for b, c in zip(bounds, bounds[1:]))
-        assert all((copydetect.PAGE + lo * row_bytes) % copydetect.PAGE == 0 for lo, _ in bounds)
-    x = copydetect.open_aligned_npy(tmp_path / "e.npy", (301, 784), "float16")
+        assert all((embeddings.PAGE + lo * row_bytes) % embeddings.PAGE == 0 for lo, _ in bounds)
+    x = embeddings.open_aligned_npy(tmp_path / "e.npy", (301, 784), "float16")
     x[:] = 1
     x.flush()
-    assert x.offset == copydetect.PAGE and np.load(tmp_path / "e.npy").astype(np.float32).sum() == 301 * 784
+    assert x.offset == embeddings.PAGE and np.load(tmp_path / "e.npy").astype(np.float32).sum() == 301 * 784
 
 
 def test_ivfpq_on_a_width_that_pq_m_does_not_divide(capsys):
