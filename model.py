@@ -4,8 +4,8 @@ Paper: "DINOv2: Learning Robust Visual Features without Supervision", Oquab et a
 Argument names and state-dict keys follow the official code (github.com/facebookresearch/dinov2), so the
 released checkpoints load with `load_model` and code written against the official model runs against this one.
 
-Run:  python model.py            smoke run: build a tiny ViT, run a forward, print shapes and parameter counts
-      python model.py --bench    CPU timing of ViT-S/14 + 4 registers: fused vs explicit attention, fp32 vs bf16
+Run:  python model.py              smoke run: a tiny ViT's forward, shapes and parameter counts
+      python bench.py attention  CPU seconds of ViT-S/14 + 4 registers: fused vs explicit, fp32 vs bf16
 
 Paper -> code
   App. B (architecture table), ViT-S/B/L/g ........... ARCHS; vit_small, vit_base, vit_large, vit_giant2
@@ -21,14 +21,28 @@ Paper -> code
   Released weights (hub, training checkpoints) ........ load_model
 
 Shape legend: B batch, N tokens, D width, H heads, K prototypes (out_dim), R register tokens.
+
+Backbone interface that the other scripts (train, plan, bench, eval, distill, visualize) rely on
+  DinoVisionTransformer(img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, ffn_layer,
+      init_values, num_register_tokens, drop_path_rate, drop_path_uniform, attn_impl, ...): official
+      names; a checkpoint's "model_args" holds these kwargs for load_model.
+  .blocks: a ModuleList of `depth` identical Blocks. FSDP2 shards each, activation checkpointing wraps
+      each, plan.py traces 2- and 4-block copies and extrapolates over them.
+  .n_blocks, .embed_dim, .patch_size, .num_register_tokens; .pos_embed [1, 1+N, D] for the img_size
+      grid, interpolated for other sizes; .mask_token [1, D] (its requires_grad is turned off when
+      nothing is masked). Parameter names are the official keys (layer-wise lr decay reads them).
+  forward(x, masks=None, is_training=False) -> the [CLS] token [B, D]; is_training=True returns the
+      dict of forward_features: x_norm_clstoken [B, D], x_norm_regtokens [B, R, D], x_norm_patchtokens
+      [B, N, D], x_prenorm [B, 1+R+N, D], masks. A list of crop batches gives a list of those.
+  get_intermediate_layers(x, n, ...), get_last_selfattention(x), set_attn_impl(name in ATTN_IMPLS).
+  DINOHead.bottleneck(x) [B, bottleneck], DINOHead.last_layer.weight [K, bottleneck]: train.py computes
+      head(x) = bottleneck(x) @ last_layer.weight.T from them in chunks of rows.
 """
+import argparse
 import inspect
 import json
 import math
 import re
-import statistics
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,15 +55,8 @@ from torch.nn.init import trunc_normal_
 # --------------------------------------------------------------------------------------------------------------------
 # "fused": F.scaled_dot_product_attention (flash / memory-efficient kernels; never materialises the N x N matrix).
 # "explicit": softmax(Q K^T / sqrt(d)) V written out; it can return the attention weights (attention maps).
-# "auto" (the default) picks per call from the device and compute dtype, by measurement: `OMP_WAIT_POLICY=PASSIVE
-# python model.py --bench`, ViT-S/14 + 4 registers, torch 2.13, 2 shared CPU cores, process-CPU seconds (both
-# threads; the steady number on a loaded machine), median of 3:
-#                                  fp32 fused / explicit    bf16 autocast fused / explicit
-#   224 px, batch 8, fwd+bwd             3.19 / 3.38                  1.37 / 1.04
-#   518 px, batch 1, fwd+bwd             3.11 / 4.05                  1.70 / 0.91
-#   518 px, batch 1, fwd (no grad)       1.00 / 1.08                  0.62 / 0.35
-#   CPU fp32 -> fused (equal at 224, 1.3x faster at 518). CPU bf16 -> explicit (the fused CPU kernel gains little
-#   from bf16 and its backward is 1.3-1.9x slower here). CUDA -> fused (flash attention; no GPU here to measure).
+# "auto" (default): fused, except on a CPU under bf16, where the fused CPU kernel's backward is slower
+# than the explicit path (`python bench.py attention` measures both; its numbers are in the README).
 ATTN_IMPLS = ("auto", "fused", "explicit")
 
 
@@ -563,82 +570,10 @@ def load_model(path, map_location="cpu"):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Smoke run and CPU benchmark
+# Smoke run
 # --------------------------------------------------------------------------------------------------------------------
-@dataclass
-class BenchConfig:
-    # --- what to run
-    bench: bool = False  # run the ViT-S/14 CPU benchmark instead of the smoke run
-    # --- benchmark sizes
-    batch_224: int = 8  # images per step at 224x224 (261 tokens with 4 registers)
-    batch_518: int = 1  # images per step at 518x518 (1374 tokens); not 8: ~15-30 s per fwd+bwd on 2 cores
-    repeats: int = 3  # timed repeats per configuration (median reported), after one warm-up
-    threads: int = 0  # torch threads; 0 = leave torch's default
-
-    def __post_init__(self):
-        self.check()
-
-    def check(self):
-        from cli import at_least  # the command line's helpers; the model itself imports nothing of the project
-        at_least("batch_224", self.batch_224, 1)
-        at_least("batch_518", self.batch_518, 1)
-        at_least("repeats", self.repeats, 1)
-        at_least("threads", self.threads, 0)
-
-
-def parse_config(argv=None):
-    """Flags from BenchConfig, one convention for every script (cli.py): `--bench` alone = `--bench true`."""
-    import cli  # here, not at the top: importing model.py as a library needs nothing else of the project
-    cfg, _ = cli.parse_config(BenchConfig, argv, description=__doc__.split("\n\n")[0], prog="model.py")
-    return cfg
-
-
-def median_seconds(fn, repeats):
-    """Median wall-clock and process-CPU seconds of fn(). CPU time (all threads) is the steadier number on a
-    shared machine: waiting for a core inflates wall time but not CPU time."""
-    fn()  # warm-up (allocations, kernel selection)
-    wall, cpu = [], []
-    for _ in range(repeats):
-        w0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - w0)
-        cpu.append(time.process_time() - c0)
-    return statistics.median(wall), statistics.median(cpu)
-
-
-def bench(cfg):
-    """Forward (no grad) and forward+backward time of ViT-S/14 + 4 registers (the hub reg4 model) on CPU."""
-    model = vit_small(num_register_tokens=4, img_size=518, init_values=1.0, interpolate_antialias=True,
-                      interpolate_offset=0.0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {cfg.repeats}, seconds "
-          f"(wall / process CPU)")
-    print(f"{'size':>4} {'batch':>5} {'tokens':>6} {'dtype':>5} {'attn':>8} {'fwd wall/cpu':>13} "
-          f"{'fwd+bwd wall/cpu':>17}")
-    for size, batch in ((224, cfg.batch_224), (518, cfg.batch_518)):
-        x = torch.randn(batch, 3, size, size)
-        tokens = 1 + 4 + (size // 14) ** 2
-        for dtype in ("fp32", "bf16"):
-            for impl in ("fused", "explicit"):
-                model.set_attn_impl(impl)
-                autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
-
-                def forward():
-                    with torch.no_grad(), autocast:
-                        model.forward_features(x)
-
-                def forward_backward():
-                    model.zero_grad(set_to_none=True)
-                    with autocast:
-                        loss = model.forward_features(x)["x_prenorm"].float().mean()
-                    loss.backward()
-
-                f, fb = median_seconds(forward, cfg.repeats), median_seconds(forward_backward, cfg.repeats)
-                print(f"{size:>4} {batch:>5} {tokens:>6} {dtype:>5} {impl:>8} {f[0]:>6.2f} /{f[1]:>5.2f} "
-                      f"{fb[0]:>9.2f} /{fb[1]:>5.2f}", flush=True)
-    model.set_attn_impl("auto")
-
-
 def smoke():
+    """Build a tiny ViT and head, run a masked forward, print the output shapes and parameter counts."""
     model = DinoVisionTransformer(img_size=56, patch_size=14, embed_dim=64, depth=2, num_heads=4,
                                   num_register_tokens=4, init_values=1e-5)
     head = DINOHead(64, out_dim=128, hidden_dim=96, bottleneck_dim=32)
@@ -656,14 +591,9 @@ def smoke():
 
 
 def main(argv=None):
-    cfg = parse_config(argv)
-    print(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.bench:
-        bench(cfg)
-    else:
-        smoke()
+    argparse.ArgumentParser(prog="model.py", description=__doc__.split("\n\n")[0],
+                            epilog="The CPU attention benchmark is `python bench.py attention`.").parse_args(argv)
+    smoke()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Tests for model.py: parity with the official DINOv2 code (reference tensors in ../shared/fixtures), official key
-layouts, checkpoint loading, attention paths, stochastic depth and multi-crop forward.
+layouts, checkpoint loading, attention paths, stochastic depth, multi-crop forward, the backbone interface the other
+scripts rely on, and the smoke run (`python model.py`).
 
 Run: python -m pytest -q tests/test_model.py   (CPU, a few seconds)
 """
@@ -346,3 +347,29 @@ def test_list_of_crops_equals_per_tensor_forward():
     assert outs[0]["masks"] is masks and outs[1]["masks"] is None
     assert [o.shape for o in model([global_crops, local_crops])] == [(4, 128), (6, 128)]
     assert len(model.forward_features([global_crops, local_crops])) == 2  # masks=None for all
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The interface other scripts rely on (model.py's docstring), and the smoke run
+# --------------------------------------------------------------------------------------------------------------------
+def test_backbone_interface():
+    model = tiny(drop_path_rate=0.2)
+    assert isinstance(model.blocks, torch.nn.ModuleList) and len(model.blocks) == model.n_blocks == 4
+    shapes = {tuple((k, tuple(v.shape)) for k, v in blk.state_dict().items()) for blk in model.blocks}
+    assert len(shapes) == 1  # identical blocks: FSDP2 shards each, plan.py extrapolates over them
+    assert (model.embed_dim, model.patch_size, model.num_register_tokens) == (128, 14, 4)
+    assert model.pos_embed.shape == (1, 1 + 16, 128) and model.mask_token.shape == (1, 128)
+    out = model(torch.randn(2, 3, 56, 56), masks=torch.rand(2, 16) < 0.5, is_training=True)
+    assert {"x_norm_clstoken", "x_norm_regtokens", "x_norm_patchtokens", "x_prenorm", "masks"} <= set(out)
+    head = DINOHead(128, out_dim=16, hidden_dim=8, bottleneck_dim=4)
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(head(x), head.bottleneck(x) @ head.last_layer.weight.T)
+
+
+def test_smoke_run_and_help(capsys):
+    import model
+    model.main([])
+    assert "vit_giant2" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        model.main(["--help"])
+    assert exit_info.value.code == 0 and "bench.py attention" in capsys.readouterr().out
