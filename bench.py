@@ -103,19 +103,21 @@ def step_config(preset, batch, precision, compile_=False):
     return dataclasses.replace(cfg, koleo_group_size=min(cfg.koleo_group_size, batch))
 
 
-def run_steps(cfg, batch_size, steps):
+def run_steps(cfg, batch_size, steps, device=CPU):
     """Build the student as train() does and run train.train_step `steps` times on one fixed real batch
     -> wall seconds of each step."""
     torch.manual_seed(0)
     model, teacher, _ = T.build_student_teacher(cfg)
-    student = T.build_student(model, teacher, cfg, CPU)
-    batch = plan.real_batch(cfg, batch_size)
-    centers, dtype = T.zero_centers(cfg.n_prototypes, CPU), T.DTYPES[cfg.precision]
+    student = T.build_student(model, teacher, cfg, device)
+    batch = {k: v.to(device) for k, v in plan.real_batch(cfg, batch_size).items()}
+    centers, dtype = T.zero_centers(cfg.n_prototypes, device), T.DTYPES[cfg.precision]
     hp = dict(lr=1e-4, last_layer_lr=1e-4, wd=0.04, momentum=0.99, teacher_temp=cfg.teacher_temp)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         T.train_step(student, teacher, [batch], hp, centers, cfg, dtype)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return times
 

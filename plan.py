@@ -119,8 +119,9 @@ def trace_step(cfg, micro_batch, kind=pretraining, depths=None, memory=True, glo
         if memory:  # a first step creates AdamW's state: the measured second step holds it, as every later one
             step(students, [fake], hp, centers, dtype)
         tracker, flops = MemTracker(), FlopCounterMode(display=False)
-        if memory:  # MemTracker hooks every parameter of a module it sees run; the teacher's run under no_grad
-            teacher.requires_grad_(True)
+        if memory:  # MemTracker hooks every parameter of a module it sees run (frozen ones too: the teacher
+            for m in (teacher, *(s.model for s in students)):  # runs under no_grad, distillation's mask token
+                m.requires_grad_(True)  # is unused: neither gets a gradient)
             for s, (_, ema) in zip(students, pairs):
                 tracker.track_external(s.model, ema, s.optimizer)
             tracker.track_external(teacher)

@@ -21,6 +21,7 @@ import data as D
 from conftest import free_port, run_cli
 import distill
 import model as M
+import bench
 import plan
 import runtime
 import train as T
@@ -555,30 +556,6 @@ def test_mfu_is_logged_from_the_first_steps_flops(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 # The plan and the benchmark (plan.py)
 # ---------------------------------------------------------------------------------------------------------------
-def test_plan_traces_the_real_step_and_shards_with_fsdp(tmp_path):
-    cfg = tiny_cfg(tmp_path)
-    trace = plan.trace_step(cfg, 8)
-    student, teacher, _ = T.build_student_teacher(cfg)
-    n_params = sum(p.numel() for p in student.parameters())
-    assert trace["_memreftype.param"] >= 4 * 2 * n_params  # student and teacher, fp32
-    assert trace["_memreftype.opt"] >= 4 * 2 * n_params  # AdamW's two moments exist in the traced (second) step
-    assert trace["_memreftype.act"] > 0 and trace["flops_per_micro_batch"] > 0
-    ddp = plan.per_gpu_memory(cfg, trace, world_size=8)
-    fsdp = plan.per_gpu_memory(dataclasses.replace(cfg, fsdp=True), trace, world_size=8)
-    assert fsdp < ddp  # parameters, gradients and AdamW state divided by 8
-    doubled = plan.trace_step(cfg, 16)
-    assert doubled["flops_per_micro_batch"] == pytest.approx(2 * trace["flops_per_micro_batch"], rel=0.05)
-
-
-@pytest.mark.slow
-def test_bench_measures_and_plan_is_within_20_percent(capsys):  # ~10 minutes on 2 cores (ViT-S/14 steps)
-    results = plan.bench(CPU, steps=1)
-    assert len(results) in (2, 4) and "ViT-S/14" in capsys.readouterr().out
-    for r in results:
-        if r["precision"] == "fp32":  # bf16 on CPU runs the explicit attention: its extra copies are traced too
-            assert abs(r["plan_gb"] / r["peak_gb"] - 1) <= 0.2, r
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # On a GPU (skipped without CUDA): bf16 with flash attention, compile, FSDP2 on one GPU, the plan vs the allocator
 # ---------------------------------------------------------------------------------------------------------------
@@ -588,7 +565,9 @@ def test_gpu_step_bf16_and_plan_matches_allocator(preset, batch, compile_):
     cuda = torch.device("cuda")
     cfg = T.Config(**{**T.PRESETS[preset], "batch_size": batch, "micro_batch_size": 0, "precision": "bf16",
                       "compile": compile_, "total_iters": 10, "warmup_iters": 1})
-    wall, _, peak = plan.measure(cfg, batch, steps=3, device=cuda)
+    torch.cuda.reset_peak_memory_stats()
+    wall = float(np.median(bench.run_steps(cfg, batch, 4, cuda)[1:]))
+    peak = torch.cuda.max_memory_allocated()
     planned = plan.per_gpu_memory(cfg, plan.trace_step(cfg, batch), 1)
     print(f"{preset} b{batch} compile={compile_}: {batch / wall:.0f} images/s, peak {peak / 2 ** 30:.2f} GiB, "
           f"plan {planned / 2 ** 30:.2f} GiB")
@@ -605,7 +584,7 @@ def test_gpu_fsdp2_one_rank_trains(tmp_path):
                           "warmup_iters": 1, "output_dir": str(tmp_path), "num_workers": 0})
         student, teacher = T.train(cfg, dataset=random_images(256, size=28))
         assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["step"] == 5
-        assert all(np.isfinite(json.loads(line)["loss"]) for line in open(tmp_path / "metrics.jsonl"))
+        assert all(np.isfinite(r["loss"]) for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "loss" in r)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
