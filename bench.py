@@ -13,7 +13,6 @@
                                 file memory-mapped (as train.py does) vs read whole
 Run with nothing else on the machine (OMP_WAIT_POLICY=PASSIVE avoids the worst stalls of a shared one).
 """
-import contextlib
 import ctypes
 import dataclasses
 import gc
@@ -32,9 +31,11 @@ import torch
 import cli
 import plan
 import train as T
-from data import GlobalBatchSampler, MultiCropCollate
+from augment import MultiCropCollate
+from data import GlobalBatchSampler
 from model import Attention, DINOHead, Mlp, SwiGLUFFN, vit_small
-from runtime import native_bf16, print0, reset_peak_memory, setup_distributed
+from runtime import (DTYPES, autocast, native_bf16, print0, reset_peak_memory, setup_distributed,
+                     teardown_distributed, wrap)
 
 CPU = torch.device("cpu")
 GiB = 2 ** 30
@@ -110,7 +111,7 @@ def run_steps(cfg, batch_size, steps, device=CPU):
     model, teacher, _ = T.build_student_teacher(cfg)
     student = T.build_student(model, teacher, cfg, device)
     batch = {k: v.to(device) for k, v in plan.real_batch(cfg, batch_size).items()}
-    centers, dtype = T.zero_centers(cfg.n_prototypes, device), T.DTYPES[cfg.precision]
+    centers, dtype = T.zero_centers(cfg.n_prototypes, device), DTYPES[cfg.precision]
     hp = dict(lr=1e-4, last_layer_lr=1e-4, wd=0.04, momentum=0.99, teacher_temp=cfg.teacher_temp)
     times = []
     for _ in range(steps):
@@ -148,8 +149,8 @@ def in_child(fn, *args):
 def bench_step(bcfg, runs=(("tiny", "tiny", 64), ("ViT-S/14", "vit_s", 8))):
     """-> list of result dicts, one per (model, precision), printed as they come."""
     precisions = ("fp32", "bf16") if native_bf16(CPU) else ("fp32",)
-    rates = {p: matmul_flops(T.DTYPES[p]) for p in precisions}
-    print(f"matmul 1024^3 on this CPU: " + ", ".join(f"{p} {r / 1e9:.0f} GFLOP/s" for p, r in rates.items()))
+    rates = {p: matmul_flops(DTYPES[p]) for p in precisions}
+    print("matmul 1024^3 on this CPU: " + ", ".join(f"{p} {r / 1e9:.0f} GFLOP/s" for p, r in rates.items()))
     results = []
     for name, preset, batch in runs:
         for precision in precisions:
@@ -230,7 +231,7 @@ def profile_step(cfg, batch_size, repeats, queue):
     student = T.build_student(model, teacher, cfg, CPU)
     batch = plan.real_batch(cfg, batch_size)
     hp = dict(lr=1e-4, last_layer_lr=1e-4, wd=0.04, momentum=0.99, teacher_temp=cfg.teacher_temp)
-    centers, dtype = T.zero_centers(cfg.n_prototypes, CPU), T.DTYPES[cfg.precision]
+    centers, dtype = T.zero_centers(cfg.n_prototypes, CPU), DTYPES[cfg.precision]
     step = lambda: T.train_step(student, teacher, [batch], hp, centers, cfg, dtype)
     step()
     timer.seconds.clear()
@@ -273,15 +274,14 @@ def bench_attention(bcfg):
         x = torch.randn(batch, 3, size, size)
         for precision, impl in ((p, i) for p in dtypes for i in ("fused", "explicit")):
             model.set_attn_impl(impl)
-            autocast = lambda: T.autocast(T.DTYPES[precision], CPU)
 
             def forward():
-                with torch.no_grad(), autocast():
+                with torch.no_grad(), autocast(DTYPES[precision], CPU):
                     model.forward_features(x)
 
             def forward_backward():
                 model.zero_grad(set_to_none=True)
-                with autocast():
+                with autocast(DTYPES[precision], CPU):
                     loss = model.forward_features(x)["x_prenorm"].float().mean()
                 loss.backward()
             f, fb = median_seconds(forward, bcfg.repeats), median_seconds(forward_backward, bcfg.repeats)
@@ -322,7 +322,7 @@ def bench_resume(bcfg):
                               micro_batch_size=0, batch_size=world)
     with torch.device("meta"):
         model, teacher, model_args = T.build_student_teacher(cfg)
-    wrapped = T.wrap(model, teacher, cfg, CPU)  # sharded while still on the meta device
+    wrapped = wrap(model, teacher, cfg, CPU)  # sharded while still on the meta device
     for m in (model, teacher):
         m.to_empty(device=CPU)  # each rank allocates its shards only
     optimizer = torch.optim.AdamW(T.param_groups(model, cfg), lr=0.0)
@@ -352,7 +352,8 @@ def bench_resume(bcfg):
     if rank == 0:
         os.remove(path)
         os.rmdir(folder)
-    torch.distributed.destroy_process_group()
+    del student, wrapped, teacher
+    teardown_distributed()
 
 
 class PeakSampler:

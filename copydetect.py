@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data import IMAGENET_MEAN, IMAGENET_STD, FashionMNIST, build_dataset
+from augment import IMAGENET_MEAN, IMAGENET_STD
+from data import FashionMNIST, build_dataset
 
 SIZE = 28  # the descriptor's input side, px (Fashion-MNIST)
 VERSION = "lw2"  # changes whenever features or learning change: part of embeddings.cache_key

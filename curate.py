@@ -51,8 +51,7 @@ import cli
 from cli import at_least, in_range, one_of
 from embeddings import (assign, fill_index, images_of, kmeans, knn, knn_edges, load_source, read_ids, rows_f32,
                         train_index)
-from losses import is_dist
-from runtime import get_rank, print0, setup_distributed
+from runtime import get_rank, print0, setup_distributed, teardown_distributed
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -503,11 +502,8 @@ def main(argv=None):
     # Long collective timeout: ranks wait at barriers while rank 0 writes a billion ids or the slowest searches.
     setup_distributed(timeout=timedelta(hours=12))
     print0(f"curate.py {cmd}: {dataclasses.asdict(cfg)}")
-    try:
-        run(cmd, cfg)
-    finally:
-        if is_dist():
-            dist.destroy_process_group()
+    run(cmd, cfg)
+    teardown_distributed()
 
 
 if __name__ == "__main__":

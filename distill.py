@@ -31,7 +31,6 @@ Paper -> code
 Shape legend: B batch (images per micro-batch), N patch tokens per global crop, D width, K prototypes.
 """
 import dataclasses
-import gc
 import json
 import math
 import os
@@ -39,20 +38,19 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import cli
 from cli import one_of
-from data import build_dataset, eval_transform, knn_eval, labelled_splits
-from losses import ibot_mask_weights, is_dist
+from data import Batches, build_dataset, eval_transform, knn_eval, labelled_splits
+from losses import ibot_mask_weights
 from model import ARCHS, DINOHead, DinoVisionTransformer, backbone_state_dict, infer_model_args
-from runtime import (Progress, RunError, StopSignal, atomic_save, full_state_dicts, get_rank, load_state_dicts,
-                     open_run_dir, print0, release_lock, resolve_precision, rng_states, save_backbone,
-                     set_rng_states, setup_distributed)
-from train import (DTYPES, PRESETS, RESUMABLE_CHANGES, Batches, Config, DinoV2, autocast, backward_micro_batch,
+from runtime import (teardown_distributed, DTYPES, Progress, RunError, StopSignal, atomic_save, autocast, full_state_dicts, get_rank,
+                     load_state_dicts, open_run_dir, print0, release_lock, resolve_precision, rng_states,
+                     refusals, save_backbone, set_rng_states, setup_distributed, start_run)
+from train import (PRESETS, RESUMABLE_CHANGES, Config, DinoV2, backward_micro_batch,
                    build_schedules, build_student, build_student_teacher, ema_update, mean_terms, new_centers,
-                   optimizer_step, start_run, step_seed, teacher_targets, zero_centers)
+                   optimizer_step, step_seed, teacher_targets, zero_centers)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -321,20 +319,14 @@ def main():
     _, _, device = setup_distributed()
     print0(cli.describe_overrides(cfg, args.preset, DISTILL_PRESETS, DistillConfig))
     t0 = time.perf_counter()
-    try:
+    with refusals():
         teacher, students = distill(cfg)
-    except (ValueError, FileNotFoundError) as e:  # RunError, a refused layout ("--flag: ..."), no teacher
-        if not (isinstance(e, (RunError, FileNotFoundError)) or str(e).startswith("--")):
-            raise  # a bug, not a refused value: keep the traceback
-        cli.error(str(e))
     if cfg.stop_after in (0, cfg.total_iters):  # a finished run: how close each student came to the teacher
         dtype = DTYPES[resolve_precision(cfg.precision, device)[0]]
         print_report(cfg, report(cfg, teacher, students, device, dtype))
     print0(f"distill.py: {(time.perf_counter() - t0) / 60:.1f} min in total")
-    if is_dist():
-        del teacher, students  # DDP / FSDP2 modules hold the process group: free them before it is destroyed
-        gc.collect()
-        dist.destroy_process_group()
+    del teacher, students  # DDP / FSDP2 modules hold the process group: free them before it ends
+    teardown_distributed()
 
 
 if __name__ == "__main__":

@@ -68,9 +68,9 @@ from torch.utils.data import DataLoader, Dataset
 
 import cli
 import train
+from augment import resize
 from cli import at_least, in_range, one_of
-from data import (MapDataset, build_dataset, eval_transform, extract_features, knn_classify, resize,
-                  subset)
+from data import MapDataset, build_dataset, eval_transform, extract_features, knn_classify, subset
 from model import load_model
 from runtime import progress
 from visualize import run_attention, run_pca, to_pil, to_tensor

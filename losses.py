@@ -37,7 +37,7 @@ Deviations from the official code (github.com/facebookresearch/dinov2, dinov2/lo
     pick the row itself as neighbour.
 Shape legend: B batch (samples), S student crops, T teacher (global) crops, M masked patches, K prototypes, D width.
 """
-import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -142,6 +142,29 @@ def sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=3):
     1 (sinkhorn_knopp_bias with the batch as one chunk; B may differ between ranks)."""
     bias = sinkhorn_knopp_bias([teacher_logits], teacher_temp, n_iterations)
     return F.softmax(teacher_logits.float() / teacher_temp + bias, dim=-1)
+
+
+@dataclass
+class PrototypeTargets:
+    """The teacher's targets for one head over one optimizer step: row r of micro-batch i is
+    softmax(z W^T / temp + bias), computed when asked from the stored l2-normalised bottleneck features z,
+    chunk_rows rows at a time, so no [rows, K] tensor of the step exists whole. bias: the Sinkhorn-Knopp
+    potential (sinkhorn_knopp_bias), or -center / temp (EMA centering). Iterating gives the logits of every
+    row of the step in chunks (for sinkhorn_knopp_bias and update_center)."""
+    z: list  # per micro-batch: [rows_i, b] l2-normalised features (2B for DINO, M for iBOT), compute dtype
+    prototypes: torch.Tensor  # [K, b] the head's weight-normalised last layer, whole, in the compute dtype
+    temp: float
+    chunk_rows: int
+    bias: torch.Tensor = None  # [K]
+
+    def logits(self, z):
+        return (z @ self.prototypes.t()).float()  # [rows,b] @ [b,K] -> [rows,K]
+
+    def __iter__(self):
+        return (self.logits(c) for z in self.z for c in z.split(self.chunk_rows))
+
+    def probs(self, i, rows=slice(None)):
+        return F.softmax(self.logits(self.z[i][rows]) / self.temp + self.bias, dim=-1)  # [rows,K] fp32
 
 
 # --------------------------------------------------------------------------------------------------------------

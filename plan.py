@@ -21,6 +21,7 @@ the world size here), mixed precision (the trace runs the config's precision), a
 """
 import contextlib
 import dataclasses
+import gc
 import os
 import sys
 import time
@@ -30,8 +31,8 @@ import torch
 import cli
 import distill as DI
 import train as T
-from data import MultiCropCollate
-from runtime import PEAK_BF16_TFLOPS
+from augment import MultiCropCollate
+from runtime import DTYPES, PEAK_BF16_TFLOPS, layout
 
 CPU = torch.device("cpu")
 GiB = 2 ** 30
@@ -91,6 +92,18 @@ def full_depths(cfg, kind):
     return [T.ARCHS[teacher_config(cfg).arch]["depth"]] + [T.ARCHS[n]["depth"] for n in cfg.students.split(",")]
 
 
+@contextlib.contextmanager
+def no_gc():
+    """Python's cyclic garbage collector off: when it runs would change what is alive at the peak, and so the
+    traced peak would depend on what the process did before."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def trace_step(cfg, micro_batch, kind=pretraining, depths=None, memory=True, global_crop_size=None):
     """Run the step on fake tensors and count its FLOPs; with memory, run it twice and measure the second
     (AdamW's state exists then, as in every later step). depths: blocks of each model (default: full).
@@ -106,7 +119,7 @@ def trace_step(cfg, micro_batch, kind=pretraining, depths=None, memory=True, glo
         pairs, teacher, step, prepare = kind(cfg, depths or full_depths(cfg, kind))
     batch = real_batch(cfg, micro_batch, global_crop_size)
     batch = prepare(batch) if prepare else batch
-    dtype = T.DTYPES["bf16" if cfg.precision == "auto" else cfg.precision]  # what a GPU computes in
+    dtype = DTYPES["bf16" if cfg.precision == "auto" else cfg.precision]  # what a GPU computes in
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
         teacher = teacher if any(teacher is ema for _, ema in pairs) else teacher.to_empty(device=CPU)
@@ -125,7 +138,7 @@ def trace_step(cfg, micro_batch, kind=pretraining, depths=None, memory=True, glo
             for s, (_, ema) in zip(students, pairs):
                 tracker.track_external(s.model, ema, s.optimizer)
             tracker.track_external(teacher)
-        with (tracker if memory else contextlib.nullcontext()), flops:
+        with (tracker if memory else contextlib.nullcontext()), flops, no_gc():
             step(students, [fake], hp, centers, dtype)
     out = dict(flops=flops.get_total_flops())
     if memory:
@@ -226,7 +239,7 @@ def plan(cfg, world_size, gpu_gb, kind=pretraining, gpu="H100", mfu=0.4, log=pri
     """Plan the configured step (each crop size of the schedule) and the run -> dict(micro_batch, accumulation,
     peak_gb, fits, best_micro_batch, tflops_per_image, gpu_hours, seconds)."""
     t0 = time.perf_counter()
-    micro, accum = T.layout(cfg, world_size)
+    micro, accum = layout(cfg, world_size)
     sizes = sorted({size for *_, size in phases(cfg)}) or [cfg.global_crop_size]
     traces = {size: extrapolated(cfg, micro, kind, global_crop_size=size) for size in sizes}
     size = max(sizes, key=lambda s: per_gpu_memory(cfg, traces[s], world_size))  # the phase that needs most

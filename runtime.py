@@ -13,6 +13,7 @@ Nothing runs on import; nothing here knows the model.
 """
 import atexit
 import contextlib
+import gc
 import json
 import math
 import os
@@ -21,13 +22,15 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import cli
 from losses import is_dist
 
 
@@ -48,6 +51,16 @@ def setup_distributed(timeout=None):
     return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if cuda else torch.device("cpu")
 
 
+def teardown_distributed():
+    """End the process group once every rank is here. The caller drops its DDP / FSDP2 modules first: they
+    hold the group. The barrier keeps a fast rank from closing gloo's connections while a slow one still uses
+    them (gloo then aborts with "terminate called without an active exception")."""
+    if is_dist():
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def get_rank():
     return dist.get_rank() if is_dist() else 0
 
@@ -59,10 +72,122 @@ def print0(*args, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The run's layout and precision, computed once; Sec. 5: DDP or FSDP2, activation checkpointing, compile
+# ---------------------------------------------------------------------------------------------------------------
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def autocast(dtype, device):
+    """Mixed precision (Sec. 5, App. B): a fresh torch autocast context computing matmuls in dtype (fp32: off).
+    Losses, softmaxes and Sinkhorn-Knopp run in fp32 whatever the dtype (losses.py)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def layout(cfg, world_size):
+    """(micro-batch, accumulation steps) of the global batch on world_size processes; refuses a layout where the
+    batch does not split evenly or a KoLeo group would straddle two forward passes (one line, as a flag error)."""
+    micro = cfg.micro_batch_size or cfg.batch_size // world_size
+    accum = cfg.batch_size // max(micro * world_size, 1)
+    if micro < 1 or micro * world_size * accum != cfg.batch_size:
+        raise ValueError(f"--batch_size: {cfg.batch_size} must be --micro_batch_size {micro} x world size "
+                         f"{world_size} x a whole number of accumulation steps")
+    group = cfg.koleo_group_size
+    if (micro * world_size) % group:
+        per_rank = cfg.batch_size // world_size
+        works = [m for m in range(1, per_rank + 1) if per_rank % m == 0 and (m * world_size) % group == 0]
+        raise ValueError(f"--koleo_group_size: a group of {group} images must lie inside one forward pass of all "
+                         f"ranks, but {world_size} rank(s) x micro-batch {micro} = {micro * world_size} is not a "
+                         f"multiple of it; micro-batch sizes that work here: {works or 'none'}")
+    return micro, accum
+
+
+@dataclass
+class Run:
+    """Who this process is and what follows from the config, computed once (printed, never written back)."""
+    rank: int
+    world_size: int
+    device: torch.device
+    micro_batch_size: int
+    accumulation_steps: int
+    lr: float  # peak learning rate after the square-root scaling rule
+    highres_lr: float  # peak learning rate of the high-resolution phase, same rule
+    stop_at: int  # last iteration of this invocation (stop_after or total_iters)
+    precision: str  # bf16 | fp16 | fp32 ("auto" resolved for this device)
+    dtype: torch.dtype  # of the forward passes' matmuls
+
+
+def start_run(cfg):
+    """This process's rank, world size and device, and the values derived from the config, printed with it."""
+    rank, world_size = get_rank(), dist.get_world_size() if is_dist() else 1
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    micro, accum = layout(cfg, world_size)
+    precision, why = resolve_precision(cfg.precision, device)
+    scale = math.sqrt(cfg.batch_size / 1024)  # square-root scaling rule (official "sqrt_wrt_1024")
+    run = Run(rank, world_size, device, micro, accum, cfg.base_lr * scale, cfg.highres_base_lr * scale,
+              min(cfg.stop_after or cfg.total_iters, cfg.total_iters), precision, DTYPES[precision])
+    derived = {k: v for k, v in asdict(run).items() if k not in ("device", "dtype")}
+    print0(f"config: {json.dumps(asdict(cfg))}\nderived: {json.dumps(derived)}\nprecision: {precision} ({why})")
+    return run
+
+
+def wrap(student, teacher, cfg, device, distributed=True):
+    """Activation checkpointing, then DDP (default) or FSDP2 (cfg.fsdp: each block, the backbone and the root,
+    whose own parameters are the heads; the EMA copy is sharded the same way, so the EMA runs shard by shard),
+    then torch.compile. -> the module to call; `student` stays the raw module. distributed=False: neither
+    DDP nor FSDP2 even under torchrun (plan.py traces one process on fake tensors)."""
+    if cfg.activation_checkpointing:
+        from torch.distributed._composable import checkpoint  # keeps parameter names, unlike checkpoint_wrapper
+        for block in student.backbone.blocks:
+            checkpoint(block)
+    model = student
+    if distributed and is_dist() and cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for m in (student, teacher):
+            for block in m.backbone.blocks:
+                fully_shard(block)
+            fully_shard(m.backbone)
+            fully_shard(m)  # the heads: gathered for the whole forward, so the iBOT loss can use them in chunks
+    elif distributed and is_dist():
+        model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    return model
+
+
+@contextlib.contextmanager
+def gathered(module):
+    """Under FSDP2: the root's own parameters (the heads) whole inside the block, every shard freed after it
+    (a forward without a backward would otherwise keep its parameters gathered); no-op otherwise."""
+    if not hasattr(module, "unshard"):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        for m in module.modules():
+            if hasattr(m, "reshard"):
+                m.reshard()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The run directory: nothing overwritten by accident, one writer at a time, resume only what can continue
 # ---------------------------------------------------------------------------------------------------------------
 class RunError(ValueError):
     """A run that must not start (main prints it as one line and exits with status 2)."""
+
+
+@contextlib.contextmanager
+def refusals():
+    """Around a script's work: a RunError, a refused value ("--flag: ...") or a missing file (a dataset, a
+    teacher) ends in one line "<script>: error: ..." and exit status 2; anything else is a bug and keeps its
+    traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        if not (isinstance(e, (RunError, FileNotFoundError)) or str(e).startswith("--")):
+            raise
+        cli.error(str(e))
 
 
 def open_run_dir(cfg, run, resumable):

@@ -48,7 +48,8 @@ import embeddings
 import eval as ev
 import plan
 from cli import at_least
-from data import build_dataset, eval_transform, resize, subset
+from augment import resize
+from data import build_dataset, eval_transform, subset
 from distill import DISTILL_PRESETS, DistillConfig, distill
 from model import load_model
 from runtime import save_backbone

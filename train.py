@@ -4,48 +4,38 @@ Student and teacher ViTs (model.py) see multi-crop views of unlabelled images; t
 teacher's prototype assignments of other views (DINO, image level) and of masked patches (iBOT, patch level), with
 KoLeo spreading the features; the teacher is an EMA of the student (losses.py has the objectives).
 
-Run (the same file from a laptop to a cluster):
-    python train.py                                   # CPU demo: the named preset "tiny" on Fashion-MNIST, then
-                                                      # the teacher's k-NN accuracy (README: result and time)
+Run (the same file from a laptop to a cluster; README: results, times and each command's plan):
+    python train.py                                   # CPU demo: the preset "tiny" on Fashion-MNIST, then k-NN
     python train.py --preset vit_s --data /path/imagenet --micro_batch_size 128       # one GPU
     torchrun --nproc_per_node=8 train.py --preset vit_l --data /path/imagenet          # one node
     torchrun --nnodes=N --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
         train.py --preset vit_g --fsdp --activation_checkpointing --data /path/images  # several nodes
     python train.py ... --resume                      # continue exactly from output_dir/checkpoint.pth
-The dataclass defaults are the paper's (ViT-g/14, App. B); without --preset the preset "tiny" applies (PRESETS),
-any --<field> VALUE overrides (cli.py), and the run prints the preset and its overrides, then the resolved config
-(also stored in checkpoints). A new run never starts over an existing checkpoint (--resume or --overwrite), and
---resume refuses a config that would continue a different run (runtime.open_run_dir). What a step needs per GPU,
-before any GPU is rented: `python plan.py train --preset ...` (plan.py).
+The dataclass defaults are the paper's (ViT-g/14, App. B); without --preset "tiny" applies (PRESETS); any
+--<field> VALUE overrides (cli.py). The resolved config is printed and stored in checkpoints; a new run never
+starts over an existing one and --resume refuses a different run (runtime.open_run_dir).
 
 Paper -> code
   Sec. 4 image-level objective (DINO) ............... student_loss (losses.dino_loss)
-  Sec. 4 patch-level objective (iBOT), masking ...... data.mask_plan, DinoV2.forward (losses.ibot_loss_in_chunks)
+  Sec. 4 patch-level objective (iBOT), masking ...... augment.mask_plan, DinoV2.forward, losses.ibot_loss_in_chunks
   Sec. 4 untied DINO / iBOT heads ................... DinoV2, build_student_teacher
   Sec. 4 Sinkhorn-Knopp centering (or EMA centering)  teacher_targets, over the step's global batch
   Sec. 4 KoLeo regularizer (weight 0.1) ............. student_loss (losses.koleo_loss, groups of koleo_group_size)
   Sec. 4 adapting the resolution (518 px at the end)  build_schedules (its own schedule), Config.highres_*
   Sec. 4 one optimizer step ......................... train_step: teacher_targets, backward_micro_batch,
                                                       optimizer_step, ema_update (distill.py composes the same)
-  Sec. 5 FSDP, mixed precision, activation ckpt ..... wrap, autocast_for
-  App. B multi-crop augmentation .................... data.MultiCropCollate (torch, no torchvision), Batches
+  Sec. 5 FSDP, mixed precision, activation ckpt ..... runtime.wrap, runtime.autocast
+  App. B multi-crop augmentation .................... augment.MultiCropCollate, data.Batches
   App. B AdamW, lr/wd/momentum/temperature schedules  build_schedules, param_groups, set_hyperparameters
   App. B / Tab. 16 hyperparameters and model sizes .. Config, PRESETS, model.ARCHS
 
-Datasets, augmentation, masks and the k-NN scorer live in data.py; processes, the run directory, checkpoint files,
-progress and preemption in runtime.py. The data stream is a function of (seed, step, sample), and the objective
-does not depend on how the global batch is split into ranks and micro-batches, so 1 GPU with accumulation,
-2 GPUs and 8 GPUs train the same model, and --resume may change the number of GPUs.
-Checkpoint (output_dir/checkpoint.pth, torch.load(weights_only=True) works): {"config", "model_args", "step",
-"student"/"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}, "optimizer" (keyed by parameter name),
-"scaler", "centers", "rng", "data"}; at the end also teacher_backbone.pth (bare backbone, official keys) +
-teacher_backbone.json ({"model_args": ...}).
+The data stream is a function of (seed, step, sample) and the objective does not depend on how the global batch
+is split into ranks and micro-batches: 1 GPU with accumulation, 2 GPUs and 8 GPUs train the same model, and
+--resume may change the number of GPUs (the checkpoint's layout: save_checkpoint).
 
 Shape legend: B batch, N tokens, D width, H heads, K prototypes, M masked patches, b head bottleneck width.
 """
 import contextlib
-import gc
-import json
 import math
 import os
 import time
@@ -53,20 +43,18 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 import cli
 from cli import at_least, has_length, in_range, increasing, one_of
-from data import GlobalBatchSampler, MultiCropCollate, SeededItems, build_dataset, knn_eval, labelled_splits
-from losses import (dino_loss, ibot_loss_in_chunks, is_dist, koleo_loss, sinkhorn_knopp_bias, update_center)
+from data import Batches, build_dataset, knn_eval, labelled_splits
+from losses import (PrototypeTargets, dino_loss, ibot_loss_in_chunks, koleo_loss, sinkhorn_knopp_bias,
+                    update_center)
 from model import ARCHS, ATTN_IMPLS, DINOHead, DinoVisionTransformer
-from runtime import (Progress, RunError, StopSignal, atomic_save, full_state_dicts, get_rank, load_state_dicts,
-                     open_run_dir, print0, release_lock, resolve_precision, rng_states, save_backbone,
-                     set_rng_states, setup_distributed)
+from runtime import (teardown_distributed, DTYPES, Progress, StopSignal, atomic_save, autocast, full_state_dicts, gathered,
+                     get_rank, load_state_dicts, open_run_dir, print0, release_lock, resolve_precision, rng_states,
+                     refusals, save_backbone, set_rng_states, setup_distributed, start_run, wrap)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration: defaults are the paper's ViT-g/14 run (App. B, Tab. 16); named presets override a few fields
@@ -206,21 +194,19 @@ class Config:
         at_least("n_prototypes", self.n_prototypes, 1)
 
 
-# Fields that may differ on --resume without changing what the run computes (systems and bookkeeping);
-# runtime.open_run_dir refuses any other change unless --allow_changes.
+# Fields that may differ on --resume (systems, bookkeeping); open_run_dir refuses others without --allow_changes.
 RESUMABLE_CHANGES = {"data", "output_dir", "micro_batch_size", "fsdp", "activation_checkpointing", "compile",
                      "num_workers", "ibot_chunk_rows", "log_every", "eval_every", "knn_train_size",
                      "checkpoint_every", "resume", "overwrite", "allow_changes", "stop_after", "attn_impl"}
 
 PRESETS = {
-    # App. B, Tab. 16. S/B/L are the paper's distillation rows (lr 1e-3 at batch 2048, no drop path, see
-    # distill.py); used here to train from scratch, with KoLeo groups of the official default per-GPU batch.
+    # Tab. 16's distillation rows (lr 1e-3 at batch 2048, no drop path) trained from scratch; KoLeo groups of
+    # the official default per-GPU batch.
     "vit_s": dict(arch="vit_small", base_lr=1e-3 / math.sqrt(2), batch_size=2048, drop_path_rate=0.0,
                   n_prototypes=65536, head_bottleneck_dim=256, koleo_group_size=64),
     "vit_b": dict(arch="vit_base", base_lr=1e-3 / math.sqrt(2), batch_size=2048, drop_path_rate=0.0,
                   n_prototypes=65536, head_bottleneck_dim=256, koleo_group_size=64),
-    # L/g: the official vitl14 / vitg14 configs (SwiGLU for L too, no layer-wise decay) and their images per
-    # GPU (32 / 12); the global batch 3072 is reached by accumulation on fewer GPUs (python plan.py train).
+    # The official vitl14 / vitg14 configs (SwiGLU for L too, no layer-wise decay) and images per GPU (32 / 12).
     "vit_l": dict(arch="vit_large", ffn_layer="swiglufused", layerwise_decay=1.0, micro_batch_size=32,
                   koleo_group_size=32),
     "vit_g": dict(layerwise_decay=1.0, micro_batch_size=12),
@@ -265,8 +251,8 @@ class DinoV2(nn.Module):
         out = self.backbone(crops, masks=crop_masks, is_training=True)
         cls = torch.cat([o["x_norm_clstoken"] for o in out])  # [(2+n)B,D]
         patches = masked_tokens(out[0]["x_norm_patchtokens"], mask_indices)  # [2B,N,D] -> [M,D]
-        ibot_z = self.ibot_head.bottleneck(patches)  # [M,b]
-        return out[0]["x_norm_clstoken"], self.dino_head(cls), ibot_z, self.ibot_head.last_layer.weight
+        ibot_z, prototypes = self.ibot_head.bottleneck(patches), self.ibot_head.last_layer.weight  # [M,b], [K,b]
+        return out[0]["x_norm_clstoken"], self.dino_head(cls), ibot_z, prototypes
 
     @torch.no_grad()
     def teacher_features(self, global_crops, mask_indices):
@@ -289,11 +275,8 @@ def model_args_for(cfg, depth=None):
     depth: fewer blocks than the architecture's (plan.py traces shallow copies)."""
     args = dict(img_size=cfg.global_crop_size, patch_size=cfg.patch_size, **ARCHS[cfg.arch],
                 init_values=cfg.layerscale or None, num_register_tokens=cfg.num_register_tokens)
-    if depth:
-        args["depth"] = depth
-    if cfg.ffn_layer:
-        args["ffn_layer"] = cfg.ffn_layer
-    return args
+    overrides = dict(depth=depth, ffn_layer=cfg.ffn_layer)  # "" / None: the architecture's own
+    return {**args, **{k: v for k, v in overrides.items() if v}}
 
 
 def build_student_teacher(cfg, depth=None):
@@ -325,7 +308,7 @@ def ema_update(teacher, student, momentum):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Optimiser: parameter groups and schedules precomputed per iteration (App. B, official CosineScheduler)
+# Optimiser: parameter groups, schedules precomputed per iteration (App. B), the student and its AdamW
 # ---------------------------------------------------------------------------------------------------------------
 def param_groups(model, cfg):
     """AdamW groups by (lr multiplier, wd multiplier, is last layer), as the official get_params_groups:
@@ -390,9 +373,6 @@ def set_hyperparameters(optimizer, lr, last_layer_lr, wd):
         g["weight_decay"] = wd * g["wd_mult"]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Sec. 5: DDP or FSDP2, activation checkpointing, torch.compile, mixed precision; the run's derived values
-# ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class Student:
     """What learns: the raw module (state dicts without prefixes), the module that is called (DDP / FSDP2 /
@@ -401,30 +381,6 @@ class Student:
     wrapped: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-
-
-def wrap(student, teacher, cfg, device, distributed=True):
-    """Activation checkpointing, then DDP (default) or FSDP2 (cfg.fsdp: each block, the backbone and the root,
-    whose own parameters are the heads; the EMA copy is sharded the same way, so the EMA runs shard by shard),
-    then torch.compile. -> the module to call; `student` stays the raw module. distributed=False: neither
-    DDP nor FSDP2 even under torchrun (plan.py traces one process on fake tensors)."""
-    if cfg.activation_checkpointing:
-        from torch.distributed._composable import checkpoint  # keeps parameter names, unlike checkpoint_wrapper
-        for block in student.backbone.blocks:
-            checkpoint(block)
-    model = student
-    if distributed and is_dist() and cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for m in (student, teacher):
-            for block in m.backbone.blocks:
-                fully_shard(block)
-            fully_shard(m.backbone)
-            fully_shard(m)  # the heads: gathered for the whole forward, so the iBOT loss can use them in chunks
-    elif distributed and is_dist():
-        model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model)
-    return model
 
 
 def build_student(model, ema, cfg, device, distributed=True):
@@ -438,122 +394,24 @@ def build_student(model, ema, cfg, device, distributed=True):
     return Student(model, wrapped, optimizer, scaler)
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def autocast(dtype, device):
-    """Mixed precision (Sec. 5, App. B): a fresh torch autocast context computing matmuls in dtype (fp32: off).
-    Losses, softmaxes and Sinkhorn-Knopp run in fp32 whatever the dtype (losses.py)."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
-def layout(cfg, world_size):
-    """(micro-batch, accumulation steps) of the global batch on world_size processes; refuses a layout where the
-    batch does not split evenly or a KoLeo group would straddle two forward passes (one line, as a flag error)."""
-    micro = cfg.micro_batch_size or cfg.batch_size // world_size
-    accum = cfg.batch_size // max(micro * world_size, 1)
-    if micro < 1 or micro * world_size * accum != cfg.batch_size:
-        raise ValueError(f"--batch_size: {cfg.batch_size} must be --micro_batch_size {micro} x world size "
-                         f"{world_size} x a whole number of accumulation steps")
-    group = cfg.koleo_group_size
-    if (micro * world_size) % group:
-        per_rank = cfg.batch_size // world_size
-        works = [m for m in range(1, per_rank + 1) if per_rank % m == 0 and (m * world_size) % group == 0]
-        raise ValueError(f"--koleo_group_size: a group of {group} images must lie inside one forward pass of all "
-                         f"ranks, but {world_size} rank(s) x micro-batch {micro} = {micro * world_size} is not a "
-                         f"multiple of it; micro-batch sizes that work here: {works or 'none'}")
-    return micro, accum
-
-
-@dataclass
-class Run:
-    """Who this process is and what follows from the config, computed once (printed, never written back)."""
-    rank: int
-    world_size: int
-    device: torch.device
-    micro_batch_size: int
-    accumulation_steps: int
-    lr: float  # peak learning rate after the square-root scaling rule
-    highres_lr: float  # peak learning rate of the high-resolution phase, same rule
-    stop_at: int  # last iteration of this invocation (stop_after or total_iters)
-    precision: str  # bf16 | fp16 | fp32 ("auto" resolved for this device)
-    dtype: torch.dtype  # of the forward passes' matmuls
-
-
-def start_run(cfg):
-    """This process's rank, world size and device, and the values derived from the config, printed with it."""
-    rank, world_size = get_rank(), dist.get_world_size() if is_dist() else 1
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    micro, accum = layout(cfg, world_size)
-    precision, why = resolve_precision(cfg.precision, device)
-    scale = math.sqrt(cfg.batch_size / 1024)  # square-root scaling rule (official "sqrt_wrt_1024")
-    run = Run(rank, world_size, device, micro, accum, cfg.base_lr * scale, cfg.highres_base_lr * scale,
-              min(cfg.stop_after or cfg.total_iters, cfg.total_iters), precision, DTYPES[precision])
-    derived = {k: v for k, v in asdict(run).items() if k not in ("device", "dtype")}
-    print0(f"config: {json.dumps(asdict(cfg))}\nderived: {json.dumps(derived)}\nprecision: {precision} ({why})")
-    return run
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # One optimizer step (Sec. 4): teacher targets for the whole step, then the student's loss and backward per
 # micro-batch, then AdamW, the EMA and the centers, once per step, visibly here
 # ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class HeadTargets:
-    """The teacher's targets for one head over one step: row r of micro-batch i is softmax(z W^T / temp + bias),
-    computed when asked from the stored bottleneck features z, chunk_rows rows at a time, so no [rows, K]
-    tensor of the step exists whole. bias: the Sinkhorn-Knopp potential, or -center / temp (EMA centering).
-    Iterating gives the logits of every row of the step in chunks (losses.sinkhorn_knopp_bias, update_center)."""
-    z: list  # per micro-batch: [rows_i, b] l2-normalised features (2B for DINO, M for iBOT), compute dtype
-    prototypes: torch.Tensor  # [K, b] the head's weight-normalised last layer, whole, in the compute dtype
-    temp: float
-    chunk_rows: int
-    bias: torch.Tensor = None  # [K]
-
-    def logits(self, z):
-        return (z @ self.prototypes.t()).float()  # [rows,b] @ [b,K] -> [rows,K]
-
-    def __iter__(self):
-        return (self.logits(c) for z in self.z for c in z.split(self.chunk_rows))
-
-    def probs(self, i, rows=slice(None)):
-        return F.softmax(self.logits(self.z[i][rows]) / self.temp + self.bias, dim=-1)  # [rows,K] fp32
-
-
-@contextlib.contextmanager
-def gathered(module):
-    """Under FSDP2: the root's own parameters (the heads) whole inside the block, every shard freed after it
-    (a forward without a backward would otherwise keep its parameters gathered); no-op otherwise."""
-    if not hasattr(module, "unshard"):
-        yield
-        return
-    module.unshard()
-    try:
-        yield
-    finally:
-        for m in module.modules():
-            if hasattr(m, "reshard"):
-                m.reshard()
-
-
 @torch.no_grad()
 def teacher_targets(teacher, batches, teacher_temp, centers, cfg, dtype):
-    """The teacher's targets for every micro-batch of the step -> {"dino": HeadTargets, "ibot": HeadTargets}.
-    One teacher pass per micro-batch keeps the heads' bottleneck features; Sinkhorn-Knopp then normalises over
-    the step's whole global batch (every micro-batch of every rank, as the official code does without
+    """The teacher's targets for every micro-batch of the step -> {"dino", "ibot": PrototypeTargets}. One teacher
+    pass per micro-batch keeps the heads' bottleneck features ([2B,b] and [M,b]); Sinkhorn-Knopp then normalises
+    over the step's whole global batch (every micro-batch of every rank, as the official code does without
     accumulation), so the targets do not depend on how the batch is split. EMA centering uses the center."""
-    z = {"dino": [], "ibot": []}
     with gathered(teacher), autocast(dtype, batches[0]["global_crops"].device):
-        for batch in batches:
-            dino_z, ibot_z = teacher.teacher_features(batch["global_crops"], batch["mask_indices"])
-            z["dino"].append(dino_z.to(dtype))  # [2B,b]
-            z["ibot"].append(ibot_z.to(dtype))  # [M,b]
+        z = [teacher.teacher_features(b["global_crops"], b["mask_indices"]) for b in batches]
         heads = dict(dino=teacher.dino_head, ibot=teacher.ibot_head)
-        targets = {k: HeadTargets(z[k], heads[k].last_layer.weight.detach().to(dtype), teacher_temp,
-                                  cfg.ibot_chunk_rows) for k in heads}
-    for k, t in targets.items():
+        targets = {k: PrototypeTargets([f[j].to(dtype) for f in z], heads[k].last_layer.weight.detach().to(dtype),
+                                       teacher_temp, cfg.ibot_chunk_rows) for j, k in enumerate(heads)}
+    for k, t in targets.items():  # EMA centering: softmax((t - c) / temp) = softmax(t / temp - c / temp)
         t.bias = (sinkhorn_knopp_bias(t, teacher_temp) if cfg.centering == "sinkhorn_knopp"
-                  else -centers[k][0].float() / teacher_temp)  # softmax((t - c) / temp) = softmax(t / temp - c / temp)
+                  else -centers[k][0].float() / teacher_temp)
     return targets
 
 
@@ -611,8 +469,8 @@ def new_centers(centers, targets, cfg):
     return {k: update_center(centers[k], targets[k], cfg.center_momentum) for k in centers}
 
 
-def mean_terms(parts):
-    return {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}  # tensors: no host sync
+def mean_terms(parts):  # tensors: no host sync
+    return {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
 
 
 def train_step(student, teacher, batches, hp, centers, cfg, dtype):
@@ -627,7 +485,7 @@ def train_step(student, teacher, batches, hp, centers, cfg, dtype):
     return dict(mean_terms(parts), grad_norm=grad_norm), new_centers(centers, targets, cfg)
 
 
-def zero_centers(n_prototypes, device):
+def zero_centers(n_prototypes, device):  # EMA centering's state (Sinkhorn-Knopp keeps none)
     return dict(dino=torch.zeros(1, n_prototypes, device=device), ibot=torch.zeros(1, n_prototypes, device=device))
 
 
@@ -637,38 +495,14 @@ def step_seed(seed, it, rank):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The data stream and checkpoints
+# Checkpoints
 # ---------------------------------------------------------------------------------------------------------------
-class Batches:
-    """The micro-batches of step `it` for this rank (a function of (seed, it, sample), data.GlobalBatchSampler),
-    augmented in DataLoader workers; the loader is rebuilt when the global crop size changes (start, resume,
-    entering the high-resolution phase). prepare(batch) adapts a batch (distill.py: no masks, Sec. 5)."""
-
-    def __init__(self, dataset, cfg, run, prepare=None):
-        self.dataset, self.cfg, self.run, self.loader, self.size = dataset, cfg, run, None, None
-        self.prepare = prepare or (lambda batch: batch)
-
-    def at(self, it, size):
-        cfg, run = self.cfg, self.run
-        if size != self.size:
-            self.size = size
-            collate = MultiCropCollate(size, cfg.local_crop_size, cfg.n_local_crops, cfg.patch_size,
-                                       global_scale=cfg.global_crop_scale, local_scale=cfg.local_crop_scale,
-                                       mask_ratio=cfg.mask_ratio, mask_probability=cfg.mask_probability,
-                                       blur_sigma=cfg.blur_sigma, seed=cfg.seed, global_batch=cfg.batch_size)
-            sampler = GlobalBatchSampler(len(self.dataset), cfg.batch_size, run.micro_batch_size, cfg.seed,
-                                         run.rank, run.world_size, start_step=it)
-            self.loader = iter(DataLoader(SeededItems(self.dataset), batch_sampler=sampler, collate_fn=collate,
-                                          num_workers=cfg.num_workers, pin_memory=run.device.type == "cuda",
-                                          prefetch_factor=4 if cfg.num_workers else None))
-        to_device = lambda batch: {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
-        return [self.prepare(to_device(next(self.loader))) for _ in range(run.accumulation_steps)]
-
-
 def save_checkpoint(path, cfg, model_args, step, student, teacher, centers):
-    """Everything needed to continue exactly: weights, optimizer (keyed by parameter name, so any layout can
-    resume it), step, centers, RNG states (the data order and augmentations are functions of (seed, step,
-    sample)). Official layout: "student" / "teacher" hold backbone.*, dino_head.*, ibot_head.*."""
+    """Everything needed to continue exactly: {"config", "model_args", "step", "student"/"teacher" (the official
+    layout: backbone.*, dino_head.*, ibot_head.*), "optimizer" (keyed by parameter name, so any layout resumes
+    it), "scaler", "centers", "rng", "data"}; the data order and augmentations are functions of (seed, step,
+    sample). Loads with torch.load(weights_only=True). A finished run also writes teacher_backbone.pth (the bare
+    backbone, official keys) and teacher_backbone.json ({"model_args": ...})."""
     student_sd, teacher_sd, optim_sd = full_state_dicts(student.model, teacher, student.optimizer, cfg)
     if get_rank() == 0:
         atomic_save(dict(config=asdict(cfg), model_args=model_args, step=step, student=student_sd,
@@ -742,12 +576,8 @@ def main():
     _, _, device = setup_distributed()
     print0(cli.describe_overrides(cfg, args.preset, PRESETS, Config))
     t0 = time.perf_counter()
-    try:
+    with refusals():
         _, teacher = train(cfg)
-    except ValueError as e:  # RunError, or a refused layout ("--flag: ..."): one line, exit status 2
-        if not (isinstance(e, RunError) or str(e).startswith("--")):
-            raise  # a bug, not a refused value: keep the traceback
-        cli.error(str(e))
     splits = labelled_splits(cfg.data) if cfg.stop_after in (0, cfg.total_iters) else None  # a finished run
     if splits:  # every rank: the ranks share the feature extraction
         dtype = DTYPES[resolve_precision(cfg.precision, device)[0]]
@@ -755,10 +585,8 @@ def main():
                        num_workers=cfg.num_workers)
         print0(f"teacher k-NN (k=20, T=0.07) top-1 on the held-out split: {acc:.2f}% "
                f"({(time.perf_counter() - t0) / 60:.1f} min in total)")
-    if is_dist():
-        del teacher  # FSDP2 / DDP modules hold the process group: free them before it is destroyed
-        gc.collect()
-        dist.destroy_process_group()
+    del teacher  # FSDP2 / DDP modules hold the process group: free them before it ends
+    teardown_distributed()
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from data import build_dataset, normalize, resize
+from augment import normalize, resize
+from data import build_dataset
 
 
 # --------------------------------------------------------------------------------------------------

@@ -240,7 +240,7 @@ def test_help_exits_0_and_lists_every_flag(capsys):
     assert all(f"--{name}" in out for name in names)
 
 
-@pytest.mark.parametrize("script, flag", [("eval.py", "--knn_ks"), ("model.py", "--repeats"),
+@pytest.mark.parametrize("script, flag", [("eval.py", "--knn_ks"), ("bench.py", "--repeats"),
                                           ("train.py", "--batch_size"), ("distill.py", "--students")])
 def test_scripts_help_exits_0_with_defaults_and_types(script, flag):
     res = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True,

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import augment
 import data
 
 
@@ -73,7 +74,7 @@ def test_eval_transform_sizes_and_normalisation():
     small = torch.full((3, 28, 28), 0.5)
     out = data.eval_transform(small, 28)
     assert out.shape == (3, 28, 28)
-    assert torch.allclose(out[:, 0, 0], (0.5 - torch.tensor(data.IMAGENET_MEAN)) / torch.tensor(data.IMAGENET_STD))
+    assert torch.allclose(out[:, 0, 0], (0.5 - torch.tensor(augment.IMAGENET_MEAN)) / torch.tensor(augment.IMAGENET_STD))
     assert data.eval_transform(small, 42).shape == (3, 42, 42)
     big = torch.rand(3, 300, 400)
     assert data.eval_transform(big, 224).shape == (3, 224, 224)  # shorter side 256, then centre crop

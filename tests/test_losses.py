@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from losses import (dino_loss, ibot_loss, ibot_loss_in_chunks, ibot_mask_weights, is_dist, koleo_loss, sinkhorn_knopp,
                     sinkhorn_knopp_bias, softmax_center, update_center)
+from runtime import teardown_distributed
 
 # --------------------------------------------------------------------------------------------------------------
 # Helpers: plain-Python cross-entropy, and the official Sinkhorn-Knopp arithmetic as the reference
@@ -303,7 +304,7 @@ def _two_rank_worker(rank, port, logits, center, out_dir):
             results[f"koleo{group}"] = (loss.detach(), x.grad)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        teardown_distributed()
 
 
 def test_two_ranks_equal_one_process(tmp_path):

@@ -14,7 +14,7 @@ import plan
 import train as T
 from conftest import run_cli
 
-TEST_ARCH = dict(embed_dim=32, depth=6, num_heads=2)
+TEST_ARCH = dict(embed_dim=96, depth=8, num_heads=3)
 TINY = dict(arch="vit_plan", patch_size=4, layerscale=0.0, drop_path_rate=0.0, n_prototypes=64, head_hidden_dim=64,
             head_bottleneck_dim=32, ibot_head_bottleneck_dim=32, global_crop_size=16, local_crop_size=8,
             n_local_crops=2, batch_size=8, koleo_group_size=4, total_iters=10, warmup_iters=2, highres_iters=0,
@@ -41,7 +41,7 @@ def test_trace_counts_the_step_it_runs():
 
 
 def test_shallow_traces_extrapolate_to_the_full_depth():
-    """Blocks are identical: copies with 2 and 4 blocks give the 6-block step's memory within 2% and FLOPs exactly."""
+    """Blocks are identical: copies with 2 and 4 blocks give the 8-block step's memory within 2% and FLOPs exactly."""
     cfg = T.Config(**TINY, activation_checkpointing=True)
     full, guess = plan.trace_step(cfg, 8), plan.extrapolated(cfg, 8)
     assert guess["flops"] == pytest.approx(full["flops"], rel=1e-9)

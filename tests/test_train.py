@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import socket
-import sys
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import augment as A
 import data as D
 from conftest import free_port, run_cli
 import distill
@@ -25,7 +25,7 @@ import bench
 import plan
 import runtime
 import train as T
-from runtime import full_state_dicts
+from runtime import full_state_dicts, teardown_distributed
 
 TINY_ARCH = dict(embed_dim=32, depth=2, num_heads=2)
 TINY = dict(arch="vit_test", patch_size=4, layerscale=1e-5, drop_path_rate=0.0, n_prototypes=64, head_hidden_dim=64,
@@ -53,7 +53,7 @@ def random_images(n=32, size=20, seed=0):
 
 def make_batch(items, cfg, seed, step=0):
     """The collate's batch of `items` as the whole global batch of `step` (positions 0..n-1)."""
-    collate = D.MultiCropCollate(cfg.global_crop_size, cfg.local_crop_size, cfg.n_local_crops, cfg.patch_size,
+    collate = A.MultiCropCollate(cfg.global_crop_size, cfg.local_crop_size, cfg.n_local_crops, cfg.patch_size,
                                  seed=seed)
     return collate([(img, label, (step, j)) for j, (img, label) in enumerate(items)])
 
@@ -67,7 +67,7 @@ def state(module):
 # ---------------------------------------------------------------------------------------------------------------
 def test_multicrop_shapes_ranges_and_determinism():
     images = [(torch.rand(3, 20 + 3 * i, 30 - 2 * i), i) for i in range(6)]  # folder images differ in size
-    collate = D.MultiCropCollate(global_size=16, local_size=8, n_local=3, patch_size=4, seed=7)
+    collate = A.MultiCropCollate(global_size=16, local_size=8, n_local=3, patch_size=4, seed=7)
     keys = [(0, j) for j in range(6)]
     batch = collate([(img, label, key) for (img, label), key in zip(images, keys)])
     assert batch["global_crops"].shape == (12, 3, 16, 16) and batch["local_crops"].shape == (18, 3, 8, 8)
@@ -75,7 +75,7 @@ def test_multicrop_shapes_ranges_and_determinism():
     M = int(batch["masks"].sum())
     assert batch["mask_weights"].shape == (M,) and batch["labels"].tolist() == list(range(6))
     assert torch.equal(batch["mask_indices"], batch["masks"].flatten().nonzero().flatten())
-    mean, std = torch.tensor(D.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(D.IMAGENET_STD).view(3, 1, 1)
+    mean, std = torch.tensor(A.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(A.IMAGENET_STD).view(3, 1, 1)
     for key in ("global_crops", "local_crops"):
         pixels = batch[key] * std + mean  # undo the normalisation: back in [0, 1]
         assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
@@ -89,7 +89,7 @@ def test_a_sample_is_augmented_the_same_in_any_micro_batch():
     """Sample j of step t gets the same crops and mask whether it is collated with the whole global batch or in
     a micro-batch of another rank: the data stream does not depend on the number of GPUs."""
     images = random_images(8)
-    collate = D.MultiCropCollate(16, 8, 2, 4, seed=3, global_batch=8)
+    collate = A.MultiCropCollate(16, 8, 2, 4, seed=3, global_batch=8)
     whole = collate([(img, label, (5, j)) for j, (img, label) in enumerate(images)])
     half = collate([(img, label, (5, j)) for j, (img, label) in enumerate(images) if j >= 4])  # rank 1 of 2
     for key in ("global_crops", "masks", "local_crops"):  # crop-major: crop c of image j is row c * B + j
@@ -105,33 +105,33 @@ def test_a_sample_is_augmented_the_same_in_any_micro_batch():
 def test_colour_ops_match_reference():
     x = torch.rand(4, 3, 5, 5)
     shift = torch.tensor([0.0, 0.1, -0.1, 0.05])
-    out = D.adjust_hue(x.clone(), shift)
+    out = A.adjust_hue(x.clone(), shift)
     for b in range(4):
         for i, j in ((0, 0), (2, 3), (4, 1)):
             h, s, v = colorsys.rgb_to_hsv(*x[b, :, i, j].tolist())
             expected = colorsys.hsv_to_rgb((h + shift[b].item()) % 1.0, s, v)
             assert torch.allclose(out[b, :, i, j], torch.tensor(expected), atol=1e-5)
     u = torch.zeros(2, 2, dtype=torch.float64)  # every draw 0 < p: applied
-    solarized = D.solarize(torch.tensor([0.2, 0.6]).view(1, 2, 1, 1).repeat(2, 1, 1, 1), u[:, :1], p=0.5)
+    solarized = A.solarize(torch.tensor([0.2, 0.6]).view(1, 2, 1, 1).repeat(2, 1, 1, 1), u[:, :1], p=0.5)
     assert torch.allclose(solarized.flatten(), torch.tensor([0.2, 0.4, 0.2, 0.4]))  # >= 128/255 inverted
-    blurred = D.gaussian_blur(torch.full((2, 3, 12, 12), 0.3), u, p=0.5)  # a constant image stays constant
+    blurred = A.gaussian_blur(torch.full((2, 3, 12, 12), 0.3), u, p=0.5)  # a constant image stays constant
     assert torch.allclose(blurred, torch.full_like(blurred, 0.3), atol=1e-6)
-    untouched = D.solarize(torch.full((2, 3, 4, 4), 0.9), torch.ones(2, 1, dtype=torch.float64), p=0.5)
+    untouched = A.solarize(torch.full((2, 3, 4, 4), 0.9), torch.ones(2, 1, dtype=torch.float64), p=0.5)
     assert torch.equal(untouched, torch.full((2, 3, 4, 4), 0.9))  # draws >= p: not applied
 
 
 def test_masks_have_the_asked_ratios():
     grid, n_crops = 14, 200
-    plan = D.mask_plan(seed=0, step=3, n_crops=n_crops, ratio=(0.1, 0.5), probability=0.5)
+    plan = A.mask_plan(seed=0, step=3, n_crops=n_crops, ratio=(0.1, 0.5), probability=0.5)
     rngs = [np.random.default_rng(k) for k in range(n_crops)]
-    masks = D.sample_masks(rngs, range(n_crops), plan, grid)
+    masks = A.sample_masks(rngs, range(n_crops), plan, grid)
     counts = masks.sum(dim=1).float() / grid ** 2  # masked fraction of each crop
     assert masks.shape == (n_crops, grid * grid) and (counts > 0).sum() == 100  # exactly half are masked
     masked = counts[counts > 0].sort().values
     assert masked.max() <= 0.5 and masked.min() >= 0.05  # BEiT masking may fall a little short of 0.1, never above
     # the targets are spread uniformly over [0.1, 0.5]: the sorted ratios follow the linspace closely
     assert torch.allclose(masked, torch.linspace(0.1, 0.5, 100), atol=0.06)
-    block = D.block_mask(np.random.default_rng(0), grid, 60)
+    block = A.block_mask(np.random.default_rng(0), grid, 60)
     assert 50 <= block.sum() <= 60
 
 
@@ -201,9 +201,9 @@ def test_cli_overrides_presets_and_unknown_keys():
     assert T.parse_config(["--fsdp", "false"])[0].fsdp is False
     with pytest.raises(SystemExit):
         T.parse_config(["--no_such_field", "1"])
-    assert T.layout(T.Config(batch_size=1024, micro_batch_size=64, koleo_group_size=16), world_size=4) == (64, 4)
+    assert runtime.layout(T.Config(batch_size=1024, micro_batch_size=64, koleo_group_size=16), world_size=4) == (64, 4)
     with pytest.raises(ValueError, match="--koleo_group_size: .* micro-batch sizes that work here: \\[3, 6, 12"):
-        T.layout(T.Config(batch_size=3072, micro_batch_size=2), world_size=128)  # 256 images: no group of 12
+        runtime.layout(T.Config(batch_size=3072, micro_batch_size=2), world_size=128)  # 256 images: no group of 12
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -419,7 +419,8 @@ def dist_worker(rank, world_size, port, out_dir):
     results["distill_fsdp_resume"] = full_state_dicts(st.ema, st.ema, None, dcfg)[0]  # the spare EMA
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "results.pt"))
-    dist.destroy_process_group()
+    del student, teacher, st
+    teardown_distributed()
 
 
 def assert_same_weights(got, expected, what):
@@ -511,14 +512,14 @@ def test_resume_accepts_a_checkpoint_older_than_a_field(tmp_path):
     torch.save(ckpt, tmp_path / "checkpoint.pth")
     T.train(tiny_cfg(tmp_path, total_iters=2, resume=True), dataset=items)
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["step"] == 2
-    with pytest.raises(T.RunError, match="ibot_separate_head"):
+    with pytest.raises(runtime.RunError, match="ibot_separate_head"):
         T.train(tiny_cfg(tmp_path, total_iters=2, resume=True, ibot_separate_head=False), dataset=items)
 
 
 def test_lock_refuses_a_live_writer_and_takes_over_a_dead_ones_lock(tmp_path):
     lock = tmp_path / "run.lock"
     lock.write_text(f"{os.getppid()} {socket.gethostname()}")  # a live process that is not this one
-    with pytest.raises(T.RunError, match="in use by process"):
+    with pytest.raises(runtime.RunError, match="in use by process"):
         runtime.take_lock(str(lock))
     lock.write_text(f"{2 ** 22 + 12345} {socket.gethostname()}")  # no such process: a stale lock (kill -9)
     runtime.take_lock(str(lock))
