@@ -45,9 +45,10 @@ from cli import one_of
 from data import Batches, build_dataset, eval_transform, knn_eval, labelled_splits
 from losses import ibot_mask_weights
 from model import ARCHS, DINOHead, DinoVisionTransformer, backbone_state_dict, infer_model_args
-from runtime import (teardown_distributed, DTYPES, Progress, RunError, StopSignal, atomic_save, autocast, full_state_dicts, get_rank,
-                     load_state_dicts, open_run_dir, print0, release_lock, resolve_precision, rng_states,
-                     refusals, save_backbone, set_rng_states, setup_distributed, start_run)
+from runtime import (DTYPES, Progress, RunError, StopSignal, atomic_save, autocast,
+                     full_state_dicts, get_rank, load_state_dicts, open_run_dir, print0, refusals,
+                     release_lock, resolve_precision, rng_states, save_backbone, set_rng_states,
+                     setup_distributed, start_run, teardown_distributed)
 from train import (PRESETS, RESUMABLE_CHANGES, Config, DinoV2, backward_micro_batch,
                    build_schedules, build_student, build_student_teacher, ema_update, mean_terms, new_centers,
                    optimizer_step, step_seed, teacher_targets, zero_centers)

@@ -52,9 +52,10 @@ from data import Batches, build_dataset, knn_eval, labelled_splits
 from losses import (PrototypeTargets, dino_loss, ibot_loss_in_chunks, koleo_loss, sinkhorn_knopp_bias,
                     update_center)
 from model import ARCHS, ATTN_IMPLS, DINOHead, DinoVisionTransformer
-from runtime import (teardown_distributed, DTYPES, Progress, StopSignal, atomic_save, autocast, full_state_dicts, gathered,
-                     get_rank, load_state_dicts, open_run_dir, print0, release_lock, resolve_precision, rng_states,
-                     refusals, save_backbone, set_rng_states, setup_distributed, start_run, wrap)
+from runtime import (DTYPES, Progress, StopSignal, atomic_save, autocast, full_state_dicts,
+                     gathered, get_rank, load_state_dicts, open_run_dir, print0, refusals,
+                     release_lock, resolve_precision, rng_states, save_backbone, set_rng_states,
+                     setup_distributed, start_run, teardown_distributed, wrap)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration: defaults are the paper's ViT-g/14 run (App. B, Tab. 16); named presets override a few fields
