@@ -4,16 +4,18 @@ A training run on GPUs fails late and expensively when one step does not fit. `p
 product's own step (train.train_step: teacher targets, student forward/backward, AdamW, EMA; distill.distill_step
 for `distill`) on fake tensors (torch FakeTensorMode: shapes and dtypes, no data) and reports, per GPU, the peak
 memory of parameters, gradients, AdamW state, activations and temporaries (MemTracker) and the FLOPs per image
-(FlopCounterMode); given a GPU size, the largest micro-batch that fits. Blocks of one model are identical, so the
-plan traces copies with 2 and 4 blocks and extrapolates linearly to the full depth (exact for one model's blocks;
-for the several models of a distillation the blocks of each are extrapolated separately and added). Then the run
-at a glance: each phase of the schedule with its steps, crops, lr and momentum, images seen and GPU-hours.
+(FlopCounterMode); given a GPU size, the largest micro-batch that fits in each phase. Blocks of one model are
+identical, so the plan traces copies with 2 and 4 blocks and extrapolates linearly to the full depth (exact for
+one model's blocks; for the several models of a distillation the blocks of each are extrapolated separately and
+added); micro-batches above 16 images are the line through traces at 8 and 16. The traces run in parallel
+processes. Then the run at a glance: each phase of the schedule with its steps, crops, lr and momentum, images
+seen and GPU-hours.
 
 Run (the same flags as train.py / distill.py, plus the plan's own):
     python plan.py train --preset vit_s --micro_batch_size 128                 # one GPU
     python plan.py train --preset vit_l --world_size 8                         # per GPU of an 8-GPU run
-    python plan.py train --preset vit_g --fsdp --activation_checkpointing --world_size 96
-    python plan.py distill --preset paper --students vit_small,vit_base,vit_large --world_size 8
+    python plan.py train --preset vit_g --fsdp --activation_checkpointing --world_size 128
+    python plan.py distill --preset paper --students vit_small,vit_base,vit_large --world_size 8 --micro_batch_size 8
 The README lists the plans of its GPU commands; `python bench.py step` measures a step beside its plan.
 
 Sec. 5 (efficient implementation) -> code: FSDP sharding of parameters, gradients and AdamW state (divided by
@@ -22,9 +24,11 @@ the world size here), mixed precision (the trace runs the config's precision), a
 import contextlib
 import dataclasses
 import gc
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -104,13 +108,26 @@ def no_gc():
         gc.enable()
 
 
+def peak_tracker():
+    """torch's MemTracker keeping only the step's peak: it also records every module's own peak after each
+    operation, which plan.py does not use and which takes most of a trace's time."""
+    from torch.distributed._tools import mem_tracker as mt
+
+    class PeakTracker(mt.MemTracker):
+        def _update_peak_stats(self, peak_state):
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap[mt._TOTAL_KEY]:
+                    self._peak_mem[dev] = snap[mt._TOTAL_KEY]
+                    self._peak_mem_snap[dev] = dict(snap)
+    return PeakTracker()
+
+
 def trace_step(cfg, micro_batch, kind=pretraining, depths=None, memory=True, global_crop_size=None):
     """Run the step on fake tensors and count its FLOPs; with memory, run it twice and measure the second
     (AdamW's state exists then, as in every later step). depths: blocks of each model (default: full).
     -> dict(flops, and with memory MemTracker's bytes at the peak by kind ("param", "grad", "opt", "act",
     "temp", ...) and "total", and "gathered": bytes FSDP2 keeps whole (the root's own parameters: the heads))."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
     from torch.utils.flop_counter import FlopCounterMode
     if cfg.attn_impl == "auto":  # on a GPU "auto" is the fused kernel; on the fake CPU trace it could differ
         cfg = dataclasses.replace(cfg, attn_impl="fused")
@@ -129,17 +146,19 @@ def trace_step(cfg, micro_batch, kind=pretraining, depths=None, memory=True, glo
         centers = T.zero_centers(teacher.dino_head.last_layer.weight_v.shape[0], CPU)
         hp = dict(lr=1e-4, last_layer_lr=1e-4, wd=cfg.weight_decay, momentum=cfg.momentum_teacher,
                   teacher_temp=cfg.teacher_temp)
-        if memory:  # a first step creates AdamW's state: the measured second step holds it, as every later one
+        flops = FlopCounterMode(display=False)  # the first step: its FLOPs, and it creates AdamW's state
+        with flops, no_gc():
             step(students, [fake], hp, centers, dtype)
-        tracker, flops = MemTracker(), FlopCounterMode(display=False)
-        if memory:  # MemTracker hooks every parameter of a module it sees run (frozen ones too: the teacher
-            for m in (teacher, *(s.model for s in students)):  # runs under no_grad, distillation's mask token
-                m.requires_grad_(True)  # is unused: neither gets a gradient)
-            for s, (_, ema) in zip(students, pairs):
+        if memory:  # a second step, as every later one, without the FLOP counter: its module hooks keep the
+            tracker = peak_tracker()  # activations of checkpointed blocks alive to the step's end
+            for m in (teacher, *(s.model for s in students)):  # MemTracker hooks every parameter of a module it
+                m.requires_grad_(True)  # sees run (frozen ones too: the teacher runs under no_grad,
+            for s, (_, ema) in zip(students, pairs):  # distillation's mask token is unused: no gradient)
                 tracker.track_external(s.model, ema, s.optimizer)
             tracker.track_external(teacher)
-        with (tracker if memory else contextlib.nullcontext()), flops, no_gc():
-            step(students, [fake], hp, centers, dtype)
+            gc.collect()
+            with tracker, no_gc():
+                step(students, [fake], hp, centers, dtype)
     out = dict(flops=flops.get_total_flops())
     if memory:
         by_kind = next(iter(tracker.get_tracker_snapshot("peak").values()))  # one device: {kind: bytes}
@@ -151,24 +170,45 @@ def trace_step(cfg, micro_batch, kind=pretraining, depths=None, memory=True, glo
 
 
 SHALLOW = (2, 4)  # blocks of the two traced copies (the peak moves by a block pair, so both are even)
+TRACED_MICRO_BATCH = 16  # larger micro-batches are extrapolated from traces at 8 and 16 images
 
 
-def extrapolated(cfg, micro_batch, kind=pretraining, memory=True, global_crop_size=None):
+def at_full_depth(cfg, micro_batch, kind=pretraining, memory=True, global_crop_size=None, run=map):
     """trace_step at the full depth of every model, from shallow copies: X(D) = X(2) + (D - 2) (X(4) - X(2)) / 2
-    for each model deeper than 4 blocks (its blocks are identical); the models of a distillation add theirs."""
+    for each model deeper than 4 blocks (its blocks are identical); the models of a distillation add theirs.
+    run: how the traces run (map: one after the other; an executor's map: in parallel processes)."""
     full = full_depths(cfg, kind)
     base_depths = [min(d, SHALLOW[0]) for d in full]
-    base = trace_step(cfg, micro_batch, kind, base_depths, memory, global_crop_size)
+    deeper = {i: min(d, SHALLOW[1]) for i, d in enumerate(full) if d > SHALLOW[0]}
+    depth_sets = [base_depths] + [base_depths[:i] + [d] + base_depths[i + 1:] for i, d in deeper.items()]
+    n = len(depth_sets)
+    base, *traces = run(trace_step, [cfg] * n, [micro_batch] * n, [kind] * n, depth_sets, [memory] * n,
+                        [global_crop_size] * n)
     out = dict(base)
-    for i, depth in enumerate(full):
-        if depth <= SHALLOW[0]:
-            continue
-        deeper = min(depth, SHALLOW[1])
-        trace = trace_step(cfg, micro_batch, kind, base_depths[:i] + [deeper] + base_depths[i + 1:], memory,
-                           global_crop_size)
+    for (i, d), trace in zip(deeper.items(), traces):
         for k in base:
             if k not in ("gathered", "block"):
-                out[k] += (trace[k] - base[k]) * (depth - SHALLOW[0]) / (deeper - SHALLOW[0])
+                out[k] += (trace[k] - base[k]) * (full[i] - SHALLOW[0]) / (d - SHALLOW[0])
+    return out
+
+
+def extrapolated(cfg, micro_batch, kind=pretraining, memory=True, global_crop_size=None,
+                 traced=TRACED_MICRO_BATCH, run=map):
+    """at_full_depth for `micro_batch` images, traced at no more than `traced`: beyond, every count is the line
+    through the traces at traced / 2 and traced images: FLOPs grow exactly with the images, the peak does as long
+    as the same moment of the step is the peak at both and at micro_batch (the one whose activations grow
+    fastest, as the micro-batch grows)."""
+    if micro_batch <= traced:
+        return at_full_depth(cfg, micro_batch, kind, memory, global_crop_size, run)
+    half, top = (at_full_depth(cfg, m, kind, memory, global_crop_size, run) for m in (traced // 2, traced))
+    line = lambda k: top[k] + (micro_batch - traced) * (top[k] - half[k]) / (traced - traced // 2)
+    out = dict(top, flops=line("flops"))
+    if memory:  # the peak's images part (activations, temporaries) as composed at `traced`, scaled to the line
+        dynamic = [k for k in ("act", "temp", "oth") if k in top]
+        static = top["total"] - sum(top[k] for k in dynamic)
+        out["total"] = line("total")
+        out.update({k: top[k] * (out["total"] - static) / (top["total"] - static) for k in dynamic})
+        out["per_image"] = (top["total"] - half["total"]) / (traced - traced // 2)
     return out
 
 
@@ -188,16 +228,18 @@ def per_gpu_memory(cfg, trace, world_size):
 
 
 def fit(cfg, trace, world_size, gpu_gb):
-    """-> (peak bytes, largest micro-batch that divides the per-GPU batch and fits 90% of the GPU): memory grows
-    linearly with the micro-batch from what does not (parameters, gradients, optimizer, buffers)."""
+    """-> (peak bytes, largest micro-batch that divides the per-GPU batch and fits 90% of the GPU, the peak's
+    line in the micro-batch: bytes at 0 images and per image). The line goes through the traces at two
+    micro-batches where extrapolated() drew it; otherwise all but parameters, gradients, optimizer state and
+    buffers is taken to grow in proportion to the images."""
     micro = cfg.micro_batch_size or cfg.batch_size // world_size
-    peak = per_gpu_memory(cfg, trace, world_size)
-    fixed = per_gpu_memory(cfg, dict(trace, act=0, temp=0, oth=0,
-                                     total=sum(trace[k] for k in ("param", "grad", "opt", "buffer"))), world_size)
-    slope, per_gpu = (peak - fixed) / micro, cfg.batch_size // world_size
-    best = max((m for m in range(1, per_gpu + 1) if per_gpu % m == 0 and fixed + slope * m <= 0.9 * gpu_gb * 1e9),
+    peak = per_gpu_memory(cfg, trace, world_size)  # the images' bytes count once per GPU in DDP and FSDP2 alike
+    static = sum(trace.get(k, 0) for k in ("param", "grad", "opt", "buffer"))
+    slope, per_gpu = trace.get("per_image", (trace["total"] - static) / micro), cfg.batch_size // world_size
+    at_zero = peak - slope * micro
+    best = max((m for m in range(1, per_gpu + 1) if per_gpu % m == 0 and at_zero + slope * m <= 0.9 * gpu_gb * 1e9),
                default=0)
-    return peak, best, fixed, slope
+    return peak, best, at_zero, slope
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,15 +277,16 @@ def glance(cfg, flops_at, world_size, gpu, mfu, log):
 # ---------------------------------------------------------------------------------------------------------------
 # The plan
 # ---------------------------------------------------------------------------------------------------------------
-def plan(cfg, world_size, gpu_gb, kind=pretraining, gpu="H100", mfu=0.4, log=print):
+def plan(cfg, world_size, gpu_gb, kind=pretraining, gpu="H100", mfu=0.4, log=print, run=map):
     """Plan the configured step (each crop size of the schedule) and the run -> dict(micro_batch, accumulation,
-    peak_gb, fits, best_micro_batch, tflops_per_image, gpu_hours, seconds)."""
+    peak_gb, fits, best_micro_batch, tflops_per_image, gpu_hours, seconds). run: see at_full_depth."""
     t0 = time.perf_counter()
     micro, accum = layout(cfg, world_size)
     sizes = sorted({size for *_, size in phases(cfg)}) or [cfg.global_crop_size]
-    traces = {size: extrapolated(cfg, micro, kind, global_crop_size=size) for size in sizes}
-    size = max(sizes, key=lambda s: per_gpu_memory(cfg, traces[s], world_size))  # the phase that needs most
-    peak, best, fixed, slope = fit(cfg, traces[size], world_size, gpu_gb)
+    size = max(sizes)  # every activation grows with the crop: the phase of the largest crops needs most memory
+    traces = {s: extrapolated(cfg, micro, kind, global_crop_size=s, run=run) for s in sizes}
+    fits = {s: fit(cfg, traces[s], world_size, gpu_gb) for s in sizes}
+    peak, best, fixed, slope = fits[size]
     what = getattr(cfg, "students", "") or cfg.arch
     precision = "bf16" if cfg.precision == "auto" else cfg.precision  # auto on a GPU
     log(f"plan: {what}, {world_size} GPU(s), {'FSDP2' if cfg.fsdp else 'DDP'}, {precision}, micro-batch "
@@ -251,8 +294,8 @@ def plan(cfg, world_size, gpu_gb, kind=pretraining, gpu="H100", mfu=0.4, log=pri
     parts = {k: traces[size][k] / GiB for k in KINDS if traces[size].get(k)}
     log("  one-process step at the peak (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
     log(f"  per-GPU peak {peak / GiB:.2f} GiB -> {'fits' if peak <= 0.9 * gpu_gb * 1e9 else 'does NOT fit'} "
-        f"{gpu_gb:.0f} GB (90% budget); largest micro-batch that fits: {best} "
-        f"(peak ~ {fixed / GiB:.2f} + {slope / GiB:.3f} GiB per image)")
+        f"{gpu_gb:.0f} GB (90% budget) (~ {fixed / GiB:.2f} + {slope / GiB:.3f} GiB per image); largest "
+        f"micro-batch that fits: " + ", ".join(f"{fits[s][1]} at {s} px" for s in reversed(sizes)))
     flops_at = {s: traces[s]["flops"] / micro for s in sizes}
     log("  compute: " + ", ".join(f"{flops_at[s] / 1e12:.3f} TFLOP per image at {s} px" for s in sizes) +
         " (student fwd+bwd, teacher fwd)")
@@ -260,8 +303,8 @@ def plan(cfg, world_size, gpu_gb, kind=pretraining, gpu="H100", mfu=0.4, log=pri
     seconds = time.perf_counter() - t0
     log(f"  planned in {seconds:.0f} s")
     return dict(micro_batch=micro, accumulation=accum, peak_gb=peak / GiB, fits=peak <= 0.9 * gpu_gb * 1e9,
-                best_micro_batch=best, tflops_per_image=flops_at[cfg.global_crop_size] / 1e12, gpu_hours=hours,
-                seconds=seconds)
+                best_micro_batch=best, best_at={s: f[1] for s, f in fits.items()},
+                tflops_per_image=flops_at[cfg.global_crop_size] / 1e12, gpu_hours=hours, seconds=seconds)
 
 
 PLAN_FLAGS = [("world_size", "GPUs of the run (default: $WORLD_SIZE or 1)", dict(type=int, default=0)),
@@ -282,8 +325,10 @@ def main(argv=None):
     cfg, args = cli.parse_config(config, rest, presets=presets, default_preset="tiny", extra_flags=PLAN_FLAGS,
                                  prog=f"plan.py {which}", description=__doc__.split("\n\n")[0])
     world_size = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
+    spawn = multiprocessing.get_context("spawn")  # the traces are independent: one process per core
     try:
-        plan(cfg, world_size, args.gpu_memory_gb, kind, args.gpu, args.mfu)
+        with ProcessPoolExecutor(min(os.cpu_count() or 1, 4), mp_context=spawn) as pool:
+            plan(cfg, world_size, args.gpu_memory_gb, kind, args.gpu, args.mfu, run=pool.map)
     except ValueError as e:  # a refused layout: one line, as a bad flag
         cli.error(str(e), prog=f"plan.py {which}")
 
