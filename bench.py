@@ -49,6 +49,7 @@ class BenchConfig:
     threads: int = 0  # torch threads; 0 = torch's default
     # --- step and profile
     compile: bool = False  # torch.compile the student (train.py --compile)
+    models: str = "tiny,vit_s"  # step: the presets to time (tiny at batch 64, vit_s at batch 8)
     # --- attention
     batch_224: int = 8  # images per call at 224 px (261 tokens with 4 registers)
     batch_518: int = 1  # images per call at 518 px (1,374 tokens)
@@ -65,6 +66,8 @@ class BenchConfig:
             cli.at_least(name, getattr(self, name), 1)
         cli.at_least("threads", self.threads, 0)
         cli.one_of("preset", self.preset, list(T.PRESETS))
+        for name in self.models.split(","):
+            cli.one_of("models", name, list(STEP_RUNS))
 
 
 def rss(field):
@@ -124,15 +127,16 @@ def run_steps(cfg, batch_size, steps, device=CPU):
 
 
 def measure_step(cfg, batch, repeats, queue):
-    """In a fresh process: median seconds of a step (after 2 warm-up steps: AdamW state, compilation), and the
-    peak resident memory above what the process held after a throw-away run at batch 2 had loaded torch's
-    kernels and thread pools (so the figure is the step's, not the libraries')."""
-    run_steps(cfg, 2, 2)
+    """In a fresh process -> (median seconds of a step after 2 warm-up steps, the peak resident memory above
+    what the process held after a throw-away run at batch 2 (uncompiled) had loaded torch's kernels and thread
+    pools, so the figure is the step's, not the libraries'; seconds of the 2 warm-up steps: AdamW's state and
+    any compilation)."""
+    run_steps(dataclasses.replace(cfg, compile=False), 2, 2)
     release_memory()
     reset_peak_memory(CPU)
     before = rss("VmRSS")
-    times = run_steps(cfg, batch, repeats + 2)[2:]
-    queue.put((statistics.median(times), rss("VmHWM") - before))
+    times = run_steps(cfg, batch, repeats + 2)
+    queue.put((statistics.median(times[2:]), rss("VmHWM") - before, sum(times[:2])))
 
 
 def in_child(fn, *args):
@@ -146,8 +150,12 @@ def in_child(fn, *args):
     return result
 
 
-def bench_step(bcfg, runs=(("tiny", "tiny", 64), ("ViT-S/14", "vit_s", 8))):
+STEP_RUNS = {"tiny": ("tiny", 64), "vit_s": ("ViT-S/14", 8)}  # preset -> (name, batch)
+
+
+def bench_step(bcfg):
     """-> list of result dicts, one per (model, precision), printed as they come."""
+    runs = [(STEP_RUNS[p][0], p, STEP_RUNS[p][1]) for p in bcfg.models.split(",")]
     precisions = ("fp32", "bf16") if native_bf16(CPU) else ("fp32",)
     rates = {p: matmul_flops(DTYPES[p]) for p in precisions}
     print("matmul 1024^3 on this CPU: " + ", ".join(f"{p} {r / 1e9:.0f} GFLOP/s" for p, r in rates.items()))
@@ -155,17 +163,18 @@ def bench_step(bcfg, runs=(("tiny", "tiny", 64), ("ViT-S/14", "vit_s", 8))):
     for name, preset, batch in runs:
         for precision in precisions:
             cfg = step_config(preset, batch, precision, bcfg.compile)
-            seconds, peak = in_child(measure_step, cfg, batch, bcfg.repeats)
+            seconds, peak, warmup = in_child(measure_step, cfg, batch, bcfg.repeats)
             flops = plan.trace_step(cfg, batch, memory=False)["flops"]
             planned = plan.per_gpu_memory(cfg, plan.trace_step(cfg, batch), 1)
             r = dict(name=name, batch=batch, precision=precision, seconds=seconds, images_per_s=batch / seconds,
+                     warmup_s=warmup,
                      gflops=flops / seconds / 1e9, mfu=flops / seconds / rates[precision], peak_gb=peak / GiB,
                      plan_gb=planned / GiB)
             results.append(r)
             print(f"{name:9s} batch {batch:3d} {precision}: {r['images_per_s']:7.1f} images/s ({seconds:.3f} s/step), "
                   f"{flops / 1e9:.1f} GFLOP/step -> {r['gflops']:.0f} GFLOP/s = {r['mfu']:.0%} of the matmul rate; "
                   f"peak memory {r['peak_gb']:.2f} GB measured, {r['plan_gb']:.2f} GB planned "
-                  f"({planned / peak - 1:+.0%})", flush=True)
+                  f"({planned / peak - 1:+.0%}); first two steps {warmup:.1f} s", flush=True)
     return results
 
 

@@ -84,7 +84,8 @@ class DistillConfig(Config):
 DISTILL_PRESETS = {
     # CPU demo: the tiny teacher of `python train.py` distilled into a half-depth and a half-width student
     # (model.ARCHS vit_tiny_d2, vit_mini) on the same crops and patch size.
-    "tiny": {**{k: v for k, v in PRESETS["tiny"].items() if k not in ("arch", "n_prototypes", "output_dir")},
+    "tiny": {**{k: v for k, v in PRESETS["tiny"].items()
+                if k not in ("arch", "n_prototypes", "output_dir", "koleo_group_size")},
              "teacher": "runs/tiny/checkpoint.pth", "students": "vit_tiny_d2,vit_mini",
              "output_dir": "runs/distill_tiny", "total_iters": 900, "warmup_iters": 90,
              "teacher_temp_warmup_iters": 0, "freeze_last_layer_iters": 0},

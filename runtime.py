@@ -97,7 +97,8 @@ def layout(cfg, world_size):
         works = [m for m in range(1, per_rank + 1) if per_rank % m == 0 and (m * world_size) % group == 0]
         raise ValueError(f"--koleo_group_size: a group of {group} images must lie inside one forward pass of all "
                          f"ranks, but {world_size} rank(s) x micro-batch {micro} = {micro * world_size} is not a "
-                         f"multiple of it; micro-batch sizes that work here: {works or 'none'}")
+                         f"multiple of it; micro-batch sizes that work here: {works or 'none'} (or set "
+                         f"--koleo_group_size to a divisor of {micro * world_size})")
     return micro, accum
 
 

@@ -462,7 +462,8 @@ def test_two_ranks_match_one_process_ddp_fsdp2_accumulation_resume(tmp_path):
 def test_command_line_trains_refuses_to_lose_work_and_resumes(idx_data):
     """`python train.py` end to end on the IDX set (the demo's code path), then the run directory's rules."""
     run = str(idx_data / "run")
-    common = ["--data", str(idx_data), "--output_dir", run, "--batch_size", "16", "--num_workers", "0"]
+    common = ["--data", str(idx_data), "--output_dir", run, "--koleo_group_size", "16", "--batch_size", "16",
+              "--num_workers", "0"]
     out = run_cli("train.py", *common, "--total_iters", "3")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "preset tiny; overrides: data=" in out.stdout  # which preset and which overrides
