@@ -286,7 +286,7 @@ def plan(cfg, world_size, gpu_gb, kind=pretraining, gpu="H100", mfu=0.4, log=pri
     size = max(sizes)  # every activation grows with the crop: the phase of the largest crops needs most memory
     traces = {s: extrapolated(cfg, micro, kind, global_crop_size=s, run=run) for s in sizes}
     fits = {s: fit(cfg, traces[s], world_size, gpu_gb) for s in sizes}
-    peak, best, fixed, slope = fits[size]
+    peak, best, at_zero, slope = fits[size]
     what = getattr(cfg, "students", "") or cfg.arch
     precision = "bf16" if cfg.precision == "auto" else cfg.precision  # auto on a GPU
     log(f"plan: {what}, {world_size} GPU(s), {'FSDP2' if cfg.fsdp else 'DDP'}, {precision}, micro-batch "
@@ -294,7 +294,7 @@ def plan(cfg, world_size, gpu_gb, kind=pretraining, gpu="H100", mfu=0.4, log=pri
     parts = {k: traces[size][k] / GiB for k in KINDS if traces[size].get(k)}
     log("  one-process step at the peak (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
     log(f"  per-GPU peak {peak / GiB:.2f} GiB -> {'fits' if peak <= 0.9 * gpu_gb * 1e9 else 'does NOT fit'} "
-        f"{gpu_gb:.0f} GB (90% budget) (~ {fixed / GiB:.2f} + {slope / GiB:.3f} GiB per image); largest "
+        f"{gpu_gb:.0f} GB (90% budget) (~ {at_zero / GiB:.2f} + {slope / GiB:.3f} GiB per image); largest "
         f"micro-batch that fits: " + ", ".join(f"{fits[s][1]} at {s} px" for s in reversed(sizes)))
     flops_at = {s: traces[s]["flops"] / micro for s in sizes}
     log("  compute: " + ", ".join(f"{flops_at[s] / 1e12:.3f} TFLOP per image at {s} px" for s in sizes) +
@@ -325,7 +325,7 @@ def main(argv=None):
     cfg, args = cli.parse_config(config, rest, presets=presets, default_preset="tiny", extra_flags=PLAN_FLAGS,
                                  prog=f"plan.py {which}", description=__doc__.split("\n\n")[0])
     world_size = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
-    spawn = multiprocessing.get_context("spawn")  # the traces are independent: one process per core
+    spawn = multiprocessing.get_context("spawn")  # the traces are independent: a process per core, up to 4
     try:
         with ProcessPoolExecutor(min(os.cpu_count() or 1, 4), mp_context=spawn) as pool:
             plan(cfg, world_size, args.gpu_memory_gb, kind, args.gpu, args.mfu, run=pool.map)
