@@ -155,12 +155,12 @@ STEP_RUNS = {"tiny": ("tiny", 64), "vit_s": ("ViT-S/14", 8)}  # preset -> (name,
 
 def bench_step(bcfg):
     """-> list of result dicts, one per (model, precision), printed as they come."""
-    runs = [(STEP_RUNS[p][0], p, STEP_RUNS[p][1]) for p in bcfg.models.split(",")]
     precisions = ("fp32", "bf16") if native_bf16(CPU) else ("fp32",)
     rates = {p: matmul_flops(DTYPES[p]) for p in precisions}
     print("matmul 1024^3 on this CPU: " + ", ".join(f"{p} {r / 1e9:.0f} GFLOP/s" for p, r in rates.items()))
     results = []
-    for name, preset, batch in runs:
+    for preset in bcfg.models.split(","):
+        name, batch = STEP_RUNS[preset]
         for precision in precisions:
             cfg = step_config(preset, batch, precision, bcfg.compile)
             seconds, peak, warmup = in_child(measure_step, cfg, batch, bcfg.repeats)

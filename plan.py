@@ -156,7 +156,6 @@ def trace_step(cfg, micro_batch, kind=pretraining, depths=None, memory=True, glo
             for s, (_, ema) in zip(students, pairs):  # distillation's mask token is unused: no gradient)
                 tracker.track_external(s.model, ema, s.optimizer)
             tracker.track_external(teacher)
-            gc.collect()
             with tracker, no_gc():
                 step(students, [fake], hp, centers, dtype)
     out = dict(flops=flops.get_total_flops())
@@ -201,14 +200,15 @@ def extrapolated(cfg, micro_batch, kind=pretraining, memory=True, global_crop_si
     if micro_batch <= traced:
         return at_full_depth(cfg, micro_batch, kind, memory, global_crop_size, run)
     half, top = (at_full_depth(cfg, m, kind, memory, global_crop_size, run) for m in (traced // 2, traced))
-    line = lambda k: top[k] + (micro_batch - traced) * (top[k] - half[k]) / (traced - traced // 2)
+    per_image = lambda k: (top[k] - half[k]) / (traced - traced // 2)
+    line = lambda k: top[k] + (micro_batch - traced) * per_image(k)
     out = dict(top, flops=line("flops"))
     if memory:  # the peak's images part (activations, temporaries) as composed at `traced`, scaled to the line
         dynamic = [k for k in ("act", "temp", "oth") if k in top]
         static = top["total"] - sum(top[k] for k in dynamic)
         out["total"] = line("total")
         out.update({k: top[k] * (out["total"] - static) / (top["total"] - static) for k in dynamic})
-        out["per_image"] = (top["total"] - half["total"]) / (traced - traced // 2)
+        out["per_image"] = per_image("total")  # bytes of the peak per image: fit() draws its line
     return out
 
 
