@@ -260,8 +260,11 @@ class MultiCropCollate:
         crop = partial(augment_crops, images, blur_sigma=self.blur_sigma)
         global_crops = torch.cat([crop(u[:, 0], G, self.global_scale, blur_p=1.0),
                                   crop(u[:, 1], G, self.global_scale, blur_p=0.1, solarize_p=0.2)])
-        local_crops = [crop(u[:, 2 + i], L, self.local_scale, blur_p=0.5) for i in range(self.n_local)]
-        local_crops = torch.cat(local_crops) if local_crops else torch.empty(0, 3, L, L)
+        # All local crops in one batch (crop-major, as global_crops): every op is per sample, so this equals
+        # n_local calls of one crop each, with n_local times fewer ops on 2-core CPUs.
+        local_u = u[:, 2:].transpose(0, 1).reshape(-1, DRAWS_PER_CROP)  # [nB,36]
+        local_crops = (augment_crops(images * self.n_local, local_u, L, self.local_scale, blur_p=0.5,
+                                     blur_sigma=self.blur_sigma) if self.n_local else torch.empty(0, 3, L, L))
         plan = mask_plan(self.seed, steps[0], 2 * global_batch, self.mask_ratio, self.mask_probability)
         crop_ids = [c * global_batch + j for c in range(2) for j in positions]  # crop-major, as global_crops
         masks = sample_masks(rngs * 2, crop_ids, plan, G // self.patch_size)  # [2B,N]

@@ -102,6 +102,18 @@ def test_a_sample_is_augmented_the_same_in_any_micro_batch():
     assert micro == [step[2:4], step[6:8]]  # forward pass a of both ranks: positions 4a..4a+3 of the global batch
 
 
+def test_local_crops_of_one_batch_equal_one_call_per_crop():
+    """The collate augments all local crops in one batch; every op is per sample, so local crop i of image j
+    equals augment_crops on that image alone with its own draws (crop-major rows i * B + j)."""
+    images = random_images(4)
+    collate = A.MultiCropCollate(16, 8, 3, 4, seed=3, global_batch=4)
+    batch = collate([(img, label, (2, j)) for j, (img, label) in enumerate(images)])
+    for j, (img, _) in enumerate(images):
+        u = torch.from_numpy(np.random.default_rng([3, 2, j]).random((A.DRAWS_PER_CROP, 5)).T)  # [crops,36]
+        for i in range(3):
+            alone = A.augment_crops([img], u[2 + i:3 + i], 8, (0.05, 0.32), blur_p=0.5)
+            assert torch.equal(batch["local_crops"][i * 4 + j], alone[0]), (i, j)
+
 def test_colour_ops_match_reference():
     x = torch.rand(4, 3, 5, 5)
     shift = torch.tensor([0.0, 0.1, -0.1, 0.05])
