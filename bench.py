@@ -11,7 +11,8 @@
     torchrun --nproc_per_node=2 bench.py resume
                                 host memory per rank while a ViT-L-sized checkpoint is resumed under FSDP2, the
                                 file memory-mapped (as train.py does) vs read whole
-Run with nothing else on the machine (OMP_WAIT_POLICY=PASSIVE avoids the worst stalls of a shared one).
+Run with nothing else on the machine. OMP_WAIT_POLICY=PASSIVE avoids the worst stalls of a shared one but
+slows the tiny step ~1.5x against libgomp's default, which `python train.py` runs with (docs/benchmarks.md).
 """
 import ctypes
 import dataclasses
