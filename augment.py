@@ -261,7 +261,7 @@ class MultiCropCollate:
         global_crops = torch.cat([crop(u[:, 0], G, self.global_scale, blur_p=1.0),
                                   crop(u[:, 1], G, self.global_scale, blur_p=0.1, solarize_p=0.2)])
         # All local crops in one batch (crop-major, as global_crops): every op is per sample, so this equals
-        # n_local calls of one crop each, with n_local times fewer ops on 2-core CPUs.
+        # one call per local crop, in n_local times fewer ops.
         local_u = u[:, 2:].transpose(0, 1).reshape(-1, DRAWS_PER_CROP)  # [nB,36]
         local_crops = (augment_crops(images * self.n_local, local_u, L, self.local_scale, blur_p=0.5,
                                      blur_sigma=self.blur_sigma) if self.n_local else torch.empty(0, 3, L, L))
