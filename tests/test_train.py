@@ -114,6 +114,7 @@ def test_local_crops_of_one_batch_equal_one_call_per_crop():
             alone = A.augment_crops([img], u[2 + i:3 + i], 8, (0.05, 0.32), blur_p=0.5)
             assert torch.equal(batch["local_crops"][i * 4 + j], alone[0]), (i, j)
 
+
 def test_colour_ops_match_reference():
     x = torch.rand(4, 3, 5, 5)
     shift = torch.tensor([0.0, 0.1, -0.1, 0.05])
