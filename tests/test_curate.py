@@ -327,7 +327,9 @@ def test_embed_sharded_over_two_torchrun_ranks_matches_one_process(fashion_mnist
     for checkpoint, width in (("pixels", 784), ("copy", 400)):
         one, two = (embedding_file(tmp_path / d, "imgs", checkpoint) for d in ("one", "two"))
         assert one.name == two.name and np.load(one).shape == (301, width)
-        assert np.array_equal(np.load(one), np.load(two))
+        # within one float16 step of the largest values (|x| < 0.5): the ranks' matmuls run on other shapes and
+        # threads, which some BLAS kernels (MKL on AVX512) round differently; a misplaced row is off by far more
+        np.testing.assert_allclose(np.load(one).astype(np.float32), np.load(two), rtol=0, atol=2 ** -12)
         assert one.with_suffix(".ids.txt").read_text() == two.with_suffix(".ids.txt").read_text()
 
 

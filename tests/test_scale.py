@@ -27,7 +27,18 @@ def checkpoint(folder):
 
 def assert_same(got, expected, what, atol=1e-5):
     for name, value in expected.items():
-        torch.testing.assert_close(got[name], value, rtol=0, atol=atol, msg=f"{what}: {name}")
+        torch.testing.assert_close(without_key_bias(name, got[name]), without_key_bias(name, value), rtol=0,
+                                   atol=atol, msg=f"{what}: {name}")
+
+
+def without_key_bias(name, value):
+    """A qkv bias without its key third. That third has no gradient in exact arithmetic (the softmax over keys
+    ignores a shift all keys share), so its gradient is float rounding, which differs between layouts (matmul
+    shapes, thread counts), and AdamW scales it up to steps of ~1e-5 where every other weight agrees to ~3e-7."""
+    if not name.endswith("qkv.bias"):
+        return value
+    q, _, v = value.chunk(3)
+    return torch.cat([q, v])
 
 
 def test_every_layout_trains_the_same_student_and_resumes_across_layouts(idx_data):
