@@ -35,8 +35,8 @@ import train as T
 from augment import MultiCropCollate
 from data import GlobalBatchSampler
 from model import Attention, DINOHead, Mlp, SwiGLUFFN, vit_small
-from runtime import (DTYPES, autocast, native_bf16, print0, reset_peak_memory, setup_distributed,
-                     teardown_distributed, wrap)
+from runtime import (DTYPES, autocast, keep_freed_host_memory, native_bf16, print0, reset_peak_memory,
+                     setup_distributed, teardown_distributed, wrap)
 
 CPU = torch.device("cpu")
 GiB = 2 ** 30
@@ -50,6 +50,8 @@ class BenchConfig:
     threads: int = 0  # torch threads; 0 = torch's default
     # --- step and profile
     compile: bool = False  # torch.compile the student (train.py --compile)
+    keep_freed_memory: bool = True  # runtime.keep_freed_host_memory, as train.py applies it on a CPU
+    n_local_crops: int = -1  # local crops per image; -1: the preset's
     models: str = "tiny,vit_s"  # step: the presets to time (tiny at batch 64, vit_s at batch 8)
     # --- attention
     batch_224: int = 8  # images per call at 224 px (261 tokens with 4 registers)
@@ -66,6 +68,7 @@ class BenchConfig:
         for name in ("repeats", "batch_224", "batch_518", "images", "global_batch", "micro_batch", "world_size"):
             cli.at_least(name, getattr(self, name), 1)
         cli.at_least("threads", self.threads, 0)
+        cli.at_least("n_local_crops", self.n_local_crops, -1)
         cli.one_of("preset", self.preset, list(T.PRESETS))
         for name in self.models.split(","):
             cli.one_of("models", name, list(STEP_RUNS))
@@ -102,9 +105,10 @@ def matmul_flops(dtype, n=1024, repeats=10):
 # ---------------------------------------------------------------------------------------------------------------
 # A training step: speed, FLOP/s against the matmul rate, memory against the plan
 # ---------------------------------------------------------------------------------------------------------------
-def step_config(preset, batch, precision, compile_=False):
+def step_config(preset, batch, precision, compile_=False, n_local_crops=-1):
+    local = {"n_local_crops": n_local_crops} if n_local_crops >= 0 else {}
     cfg = T.Config(**{**T.PRESETS[preset], "batch_size": batch, "micro_batch_size": 0, "precision": precision,
-                      "total_iters": 100, "warmup_iters": 10, "compile": compile_})
+                      "total_iters": 100, "warmup_iters": 10, "compile": compile_, **local})
     return dataclasses.replace(cfg, koleo_group_size=min(cfg.koleo_group_size, batch))
 
 
@@ -127,11 +131,13 @@ def run_steps(cfg, batch_size, steps, device=CPU):
     return times
 
 
-def measure_step(cfg, batch, repeats, queue):
+def measure_step(cfg, batch, repeats, keep_freed_memory, queue):
     """In a fresh process -> (median seconds of a step after 2 warm-up steps, the peak resident memory above
     what the process held after a throw-away run at batch 2 (uncompiled) had loaded torch's kernels and thread
     pools, so the figure is the step's, not the libraries'; seconds of the 2 warm-up steps: AdamW's state and
     any compilation)."""
+    if keep_freed_memory:
+        keep_freed_host_memory()
     run_steps(dataclasses.replace(cfg, compile=False), 2, 2)
     release_memory()
     reset_peak_memory(CPU)
@@ -163,8 +169,8 @@ def bench_step(bcfg):
     for preset in bcfg.models.split(","):
         name, batch = STEP_RUNS[preset]
         for precision in precisions:
-            cfg = step_config(preset, batch, precision, bcfg.compile)
-            seconds, peak, warmup = in_child(measure_step, cfg, batch, bcfg.repeats)
+            cfg = step_config(preset, batch, precision, bcfg.compile, bcfg.n_local_crops)
+            seconds, peak, warmup = in_child(measure_step, cfg, batch, bcfg.repeats, bcfg.keep_freed_memory)
             flops = plan.trace_step(cfg, batch, memory=False)["flops"]
             planned = plan.per_gpu_memory(cfg, plan.trace_step(cfg, batch), 1)
             r = dict(name=name, batch=batch, precision=precision, seconds=seconds, images_per_s=batch / seconds,
@@ -226,9 +232,11 @@ FUNCTION_PARTS = (("sinkhorn_knopp_bias", "losses and Sinkhorn-Knopp"), ("dino_l
                   ("optimizer_step", "optimizer and EMA"), ("ema_update", "optimizer and EMA"))
 
 
-def profile_step(cfg, batch_size, repeats, queue):
+def profile_step(cfg, batch_size, repeats, keep_freed_memory, queue):
     """In a fresh process: seconds by part over `repeats` steps of train.train_step, and of the collate that
     augments one batch (it runs in a DataLoader worker, beside the step)."""
+    if keep_freed_memory:
+        keep_freed_host_memory()
     timer = PartTimer()
     for name, part in FUNCTION_PARTS:  # the step calls them by these names in train.py
         setattr(T, name, timer.wrap(getattr(T, name), part))
@@ -260,8 +268,8 @@ def profile_step(cfg, batch_size, repeats, queue):
 
 def bench_profile(bcfg):
     precision = "bf16" if native_bf16(CPU) else "fp32"
-    cfg = step_config("tiny", 64, precision, bcfg.compile)
-    total, parts, augmentation = in_child(profile_step, cfg, 64, bcfg.repeats)
+    cfg = step_config("tiny", 64, precision, bcfg.compile, bcfg.n_local_crops)
+    total, parts, augmentation = in_child(profile_step, cfg, 64, bcfg.repeats, bcfg.keep_freed_memory)
     print(f"tiny step, batch 64, {precision}: {total * 1e3:.0f} ms (median of {bcfg.repeats} after a warm-up); "
           f"forward and backward of each part")
     for part, seconds in sorted(parts.items(), key=lambda kv: -kv[1]):

@@ -7,12 +7,14 @@ both, so neither grows past a readable size and the loop reads as the method:
     dead writer's lock is taken over), --resume only a run that can continue as it was .... open_run_dir
   - checkpoints: unsharded, optimizer keyed by name, atomic, memory-mapped on resume .. full_state_dicts
   - precision: bf16 where the device computes it natively, else fp32 ......... resolve_precision
+  - host memory on a CPU: what a step frees stays for the next step ...... keep_freed_host_memory
   - progress bar and metrics.jsonl with images/s, memory and model FLOP utilisation ........ Progress
   - SIGTERM / SIGUSR1 from a cluster scheduler: checkpoint at the end of the step, exit ..... StopSignal
 Nothing runs on import; nothing here knows the model.
 """
 import atexit
 import contextlib
+import ctypes
 import gc
 import json
 import math
@@ -123,6 +125,8 @@ def start_run(cfg):
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     micro, accum = layout(cfg, world_size)
     precision, why = resolve_precision(cfg.precision, device)
+    if device.type == "cpu":
+        keep_freed_host_memory()
     scale = math.sqrt(cfg.batch_size / 1024)  # square-root scaling rule (official "sqrt_wrt_1024")
     run = Run(rank, world_size, device, micro, accum, cfg.base_lr * scale, cfg.highres_base_lr * scale,
               min(cfg.stop_after or cfg.total_iters, cfg.total_iters), precision, DTYPES[precision])
@@ -393,6 +397,25 @@ def resolve_precision(precision, device):
     if native_bf16(device):
         return "bf16", "auto: native bf16 on " + ("this GPU" if device.type == "cuda" else "this CPU (AVX512-BF16/AMX)")
     return "fp32", "auto: this CPU has no AVX512-BF16 or AMX, so bf16 would be emulated"
+
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_host_memory():
+    """On glibc (Linux): keep the memory a CPU step frees for the next step instead of giving it back to the
+    system. A step allocates and frees its activations every time; by default glibc returns large blocks
+    (munmap above the mmap threshold, heap trimming above the trim threshold), so every step page-faults them
+    in and zeroes them again (~20,000 page faults per tiny step). Memory then stays at the run's peak, which a
+    training loop reaches every step anyway; `python bench.py step` measures the effect. -> whether applied."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): their allocators keep their own policy
+        return False
+    # Setting either parameter switches off glibc's dynamic threshold, so set both: 32 MiB is the largest mmap
+    # threshold glibc accepts on 64-bit; blocks below it come from the heap, which is trimmed only above 1 GiB.
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
 def peak_memory_gb(device):

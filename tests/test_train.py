@@ -9,6 +9,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ import torch.multiprocessing as mp
 
 import augment as A
 import data as D
-from conftest import free_port, run_cli
+from conftest import ROOT, free_port, run_cli
 import distill
 import model as M
 import bench
@@ -569,8 +571,38 @@ def test_mfu_is_logged_from_the_first_steps_flops(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The plan and the benchmark (plan.py)
+# Host memory on a CPU
 # ---------------------------------------------------------------------------------------------------------------
+# Page faults of each train.train_step (tiny preset, batch 16) in a fresh process: argv[1] "keep" applies
+# runtime.keep_freed_host_memory first, as start_run does on a CPU. -> the median over steps 3 to 8.
+FAULTS_PER_STEP = """
+import resource, statistics, sys
+import bench, runtime, train as T
+if sys.argv[1] == "keep":
+    assert runtime.keep_freed_host_memory()
+faults, step = [], T.train_step
+def counted(*args):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step(*args)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+T.train_step = counted
+bench.run_steps(bench.step_config("tiny", 16, "fp32"), 16, 8)
+print(statistics.median(faults[2:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_freed_host_memory_is_kept_between_steps():
+    """Without it glibc hands a step's large activations back to the system and faults them in again the next
+    step; with it a steady step reuses them."""
+    faults = {}
+    for mode in ("default", "keep"):
+        out = subprocess.run([sys.executable, "-c", FAULTS_PER_STEP, mode], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300, check=True)
+        faults[mode] = float(out.stdout.split()[-1])
+    assert faults["keep"] < 0.25 * faults["default"], faults
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # On a GPU (skipped without CUDA): bf16 with flash attention, compile, FSDP2 on one GPU, the plan vs the allocator
 # ---------------------------------------------------------------------------------------------------------------
