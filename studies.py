@@ -145,6 +145,7 @@ def run_config(scfg, arm, seed, steps=None):
     T = steps or scfg.steps
     scaled = dict(seed=seed, batch_size=scfg.batch_size, total_iters=T, warmup_iters=T // 10,
                   koleo_group_size=scfg.batch_size,  # as the tiny preset: the batch one process holds
+                  n_local_crops=4,  # the paper's multi-crop, which the arms change (the demo preset has none)
                   num_workers=scfg.num_workers, checkpoint_every=100, log_every=20)
     if arm.kind == "distill":
         return DistillConfig(**{**DISTILL_PRESETS["tiny"], **scaled, "teacher": scfg.teacher,

@@ -214,10 +214,11 @@ PRESETS = {
     # The CPU demo on Fashion-MNIST (README: result, time, and how it was chosen): 7-px patches of 28-px crops
     # (16 tokens), a 192-wide 4-deep ViT, 1,024 prototypes, no LayerScale (with 1e-5 a fresh tiny net's [CLS]
     # token ignores the image), teacher momentum 0.98 (short runs), KoLeo over the 64 images one process holds
-    # (as the official per-GPU batch).
+    # (as the official per-GPU batch). Two global crops and no local ones: on 28-px images local crops cost a
+    # third of the step and did not pay for it (docs/studies.md, "Toward a 6-minute demo").
     "tiny": dict(data="fashion-mnist", output_dir="runs/tiny", arch="vit_tiny", patch_size=7, layerscale=0.0,
                  drop_path_rate=0.0, n_prototypes=1024, head_hidden_dim=512, head_bottleneck_dim=128,
-                 ibot_head_bottleneck_dim=128, global_crop_size=28, local_crop_size=14, n_local_crops=4,
+                 ibot_head_bottleneck_dim=128, global_crop_size=28, local_crop_size=14, n_local_crops=0,
                  batch_size=64, koleo_group_size=64, total_iters=1800, warmup_iters=180, base_lr=2e-3,
                  momentum_teacher=0.98, teacher_temp_warmup_iters=540, freeze_last_layer_iters=50,
                  layerwise_decay=1.0, highres_iters=0, num_workers=1, checkpoint_every=600, log_every=20),
