@@ -407,8 +407,9 @@ def keep_freed_host_memory():
     """On glibc (Linux): keep the memory a CPU step frees for the next step instead of giving it back to the
     system. A step allocates and frees its activations every time; by default glibc returns large blocks
     (munmap above the mmap threshold, heap trimming above the trim threshold), so every step page-faults them
-    in and zeroes them again (~20,000 page faults per tiny step). Memory then stays at the run's peak, which a
-    training loop reaches every step anyway; `python bench.py step` measures the effect. -> whether applied."""
+    in and zeroes them again (thousands of page faults per tiny step: docs/benchmarks.md). Memory then stays at
+    the run's peak, which a training loop reaches every step anyway; `python bench.py step --keep_freed_memory
+    false` compares. -> whether applied."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (macOS, musl): their allocators keep their own policy

@@ -600,7 +600,7 @@ def test_freed_host_memory_is_kept_between_steps():
         out = subprocess.run([sys.executable, "-c", FAULTS_PER_STEP, mode], cwd=ROOT, capture_output=True,
                              text=True, timeout=300, check=True)
         faults[mode] = float(out.stdout.split()[-1])
-    assert faults["keep"] < 0.25 * faults["default"], faults
+    assert faults["keep"] < 0.01 * faults["default"], faults  # ~1 against ~10,000 (docs/benchmarks.md)
 
 
 # ---------------------------------------------------------------------------------------------------------------
